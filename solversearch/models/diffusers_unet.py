@@ -1,34 +1,145 @@
-"""Adapter from a diffusers UNet (ε, v or x₀ parameterisation) to the Denoiser contract."""
+"""Adapter from a diffusers UNet (UNet2DModel or UNet2DConditionModel; ε, v or x₀ output) to the Denoiser contract.
+
+The adapter maps continuous t to the network's time input (via the noise schedule), converts the
+output to ε, and applies classifier-free guidance for conditional models. Conditioning (class labels,
+prompt embeddings) is per sample: `bind(...)` returns a denoiser for one batch, so the sampler keeps
+seeing `denoiser(x, t)`.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import SolversearchError
-from ..noise import NoiseSchedule
+from ..noise import DiscreteVP, NoiseSchedule
 from .base import alpha_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class UNetDenoiser(torch.nn.Module):
-    """Wraps a diffusers `UNet2DModel`: maps t to the network's time input and its output to ε."""
+    """Wraps a diffusers UNet: time mapping, output → ε, optional classifier-free guidance."""
 
-    def __init__(self, unet: torch.nn.Module, noise_schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        noise_schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        guidance_scale: float = 1.0,
+    ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise SolversearchError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = unet
         self.noise_schedule = noise_schedule
         self.prediction_type = prediction_type
+        self.guidance_scale = float(guidance_scale)
         self.log_alpha = noise_schedule.torch_log_alpha()
+        self._fingerprint: str | None = None
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, guidance_scale: float = 1.0) -> UNetDenoiser:
+        """Load `unet/` + `scheduler/` as `save_pretrained` writes them (a pipeline directory works too)."""
+        path = Path(path)
+        unet_dir = path / "unet" if (path / "unet").is_dir() else path
+        scheduler_dir = path / "scheduler" if (path / "scheduler").is_dir() else unet_dir
+        config_path, scheduler_path = unet_dir / "config.json", scheduler_dir / "scheduler_config.json"
+        if not config_path.is_file():
+            raise SolversearchError(f"{path}: no UNet config.json (expected {path}/unet/config.json)")
+        if not scheduler_path.is_file():
+            raise SolversearchError(
+                f"{path}: no scheduler_config.json (expected {path}/scheduler/scheduler_config.json); "
+                "the noise schedule comes from it"
+            )
+        try:
+            config = json.loads(config_path.read_text())
+            scheduler_config = json.loads(scheduler_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SolversearchError(f"{path}: malformed JSON config: {exc}") from None
+        unet_class = _unet_class(config.get("_class_name", "UNet2DModel"))
+        try:
+            unet = unet_class.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SolversearchError(f"{unet_dir}: cannot load the UNet weights: {str(exc).splitlines()[0]}") from None
+        noise = DiscreteVP.from_diffusers_config(scheduler_config)
+        prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        return cls(unet.eval().requires_grad_(False), noise, prediction_type, guidance_scale)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the UNet config, its weights and how they are interpreted (noise, parameterisation)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+            meta = {"config": config, "noise": self.noise_schedule.to_dict(), "prediction_type": self.prediction_type}
+            digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+            for name, tensor in sorted(self.unet.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def bind(self, **conditioning: torch.Tensor) -> BoundDenoiser:
+        """A denoiser for one batch with its per-sample conditioning (class_labels, encoder_hidden_states,
+        negative_encoder_hidden_states for guidance)."""
+        return BoundDenoiser(self, conditioning)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x, self.noise_schedule.network_time(t)).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **conditioning: Any) -> torch.Tensor:
+        conditioning.pop("skip", None)  # block skipping arrives with the pruning module
+        negative = conditioning.pop("negative_encoder_hidden_states", None)
+        if self.guidance_scale == 1.0:
+            return self._eps(x, t, conditioning)
+        if negative is None:
+            raise SolversearchError("guidance_scale ≠ 1 needs negative_encoder_hidden_states (the unconditional embedding)")
+        positive = conditioning.pop("encoder_hidden_states")
+        both = dict(conditioning, encoder_hidden_states=torch.cat([negative, positive]))
+        eps_uncond, eps_cond = self._eps(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(x.to(dtype), self.noise_schedule.network_time(t).to(dtype), **conditioning).sample.to(x.dtype)
         if self.prediction_type == "epsilon":
             return out
         alpha, sigma = alpha_sigma(self.log_alpha(t), x.ndim)
+        alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
         if self.prediction_type == "v_prediction":
             return sigma * x + alpha * out
         return (x - alpha * out) / sigma
+
+
+class BoundDenoiser:
+    """`denoiser(x, t)` with fixed per-sample conditioning."""
+
+    def __init__(self, denoiser: UNetDenoiser, conditioning: dict[str, torch.Tensor]):
+        self.denoiser = denoiser
+        self.conditioning = conditioning
+        self.noise_schedule = denoiser.noise_schedule
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.denoiser(x, t, **self.conditioning, **kwargs)
+
+
+def _unet_class(name: str):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if name not in classes:
+        raise SolversearchError(f"unsupported UNet class {name!r}; expected one of {sorted(classes)}")
+    return classes[name]

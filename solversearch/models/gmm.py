@@ -8,6 +8,8 @@ once, so each call is a few batched matrix products.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -50,6 +52,13 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (d,)
         if math.prod(self.sample_shape) != d:
             raise SolversearchError(f"sample_shape {self.sample_shape} does not hold {d} dimensions")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the mixture parameters and the noise schedule."""
+        digest = hashlib.sha256(json.dumps(self.noise_schedule.to_dict(), sort_keys=True).encode())
+        for tensor in (self.log_weights, self.means, self.eigenvalues, self.eigenvectors):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def dim(self) -> int:
