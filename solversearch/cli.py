@@ -40,14 +40,80 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the schedule JSON here")
     p.set_defaults(run=_cmd_presets)
 
-    p = commands.add_parser("baselines", help="rank every preset × grid on a model at the given NFEs")
-    p.add_argument("--model", default="gmm:digits")
-    p.add_argument("--nfe", type=_int_list, default=[4, 6, 10], help="comma-separated, e.g. 4,5,6,8,10")
-    p.add_argument("--n", type=_positive_int, default=256, help="samples (same x_T for every solver)")
-    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("baselines", help="rank every solver preset × grid on a model at the given NFEs")
+    _model_options(p)
+    p.add_argument("--nfe", type=_int_list, default=[4, 5, 6, 8, 10], help="comma-separated, e.g. 4,5,6,8,10")
+    p.add_argument("--solvers", type=_name_list, help="comma-separated presets, or 'all' (default: a representative set)")
+    p.add_argument("--grids", type=_name_list, help="comma-separated grids, or 'all' (default: a representative set)")
+    p.add_argument("--out", default="baselines", help="directory for baselines.json and the PNGs")
     p.add_argument("--top", type=_positive_int, default=10, help="rows shown per NFE")
     p.set_defaults(run=_cmd_baselines)
+
+    p = commands.add_parser("evaluate", help="score one schedule JSON on a model")
+    _model_options(p)
+    p.add_argument("--schedule", required=True, help="schedule JSON file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_cmd_evaluate)
+    p = commands.add_parser("search", help="search the best solver schedule for an experiment")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
+    p.add_argument("--nfe", type=_positive_int, help="NFE budget (overrides the experiment)")
+    p.add_argument("--budget", type=_positive_int, help="true evaluations in all (resuming counts stored ones)")
+    p.add_argument("--algorithm", help="s3, evolution, random, tpe, gp or nsga2")
+    p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///solversearch.db)")
+    p.add_argument("--study", help="study name (default: <experiment>-nfe<N>)")
+    p.add_argument("--address", help="an existing Ray cluster: auto or HOST:PORT")
+    p.add_argument("--no-validation", action="store_true", help="skip re-evaluating the winner on fresh noise")
+    p.add_argument("--out", default=".", help="directory for <study>.json")
+    p.set_defaults(run=_cmd_search)
+
+    p = commands.add_parser("studies", help="list the studies in a storage")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
+    p.set_defaults(run=_cmd_studies)
+
+    p = commands.add_parser("show", help="top schedules, baselines, predictor τ and search cost of a study")
+    p.add_argument("study")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.set_defaults(run=_cmd_show)
+
+    p = commands.add_parser("export", help="export a stored schedule as JSON")
+    p.add_argument("study")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--rank", type=_positive_int, default=1, help="1 = the best schedule")
+    p.add_argument("--format", choices=["solversearch", "diffusers"], default="solversearch")
+    p.add_argument("--diffusers-kind", choices=["timesteps", "sigmas"], default="timesteps")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
+    p.set_defaults(run=_cmd_export)
     return parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--n", type=_positive_int, default=500, help="samples (the same x_T for every schedule)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--mixed-precision", action="store_true", help="autocast the network on CUDA")
+    p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
+    p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
+    p.add_argument("--no-error-to-reference", action="store_true", help="skip the high-accuracy reference solution")
+
+
+def _evaluator(args: argparse.Namespace):
+    from .evaluator import EvaluationSettings, Evaluator
+    from .models.spec import load_model
+
+    settings = EvaluationSettings(
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        mixed_precision=args.mixed_precision,
+        features=args.features,
+        inception_path=args.inception,
+        error_to_reference=not args.no_error_to_reference,
+    )
+    return Evaluator(load_model(args.model, args.device), settings)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -78,27 +144,210 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from . import presets
-    from .baselines import run_baselines
+    from .baselines import DEFAULT_GRIDS, DEFAULT_SOLVERS, applicable_grids, choose, run_baselines, write_report
     from .grids import GRIDS
-    from .models.spec import load_model
 
     console = Console()
-    model = load_model(args.model)
-    total = len(args.nfe) * len(GRIDS) * len(presets.PRESETS)
-    with Progress(console=console, transient=True) as progress:
+    solvers = choose(args.solvers, DEFAULT_SOLVERS, presets.PRESETS, "solver presets")
+    grids = choose(args.grids, DEFAULT_GRIDS, GRIDS, "grids")
+    evaluator = _evaluator(args)
+    grids = applicable_grids(grids, evaluator.model.noise_schedule)
+    total = len(args.nfe) * len(grids) * len(solvers)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        progress.add_task("reference statistics", total=None)
+        evaluator.reference()
         task = progress.add_task("evaluating presets", total=total)
-        rows = run_baselines(model, args.nfe, n=args.n, seed=args.seed, on_row=lambda _: progress.advance(task))
+
+        def advance(row):
+            progress.update(task, advance=1, description=f"NFE {row.nfe} {row.grid} {row.solver}")
+
+        rows = run_baselines(evaluator, args.nfe, solvers, grids, on_row=advance)
     for nfe in args.nfe:
-        table = Table("rank", "solver", "grid", "error to reference", title=f"NFE {nfe} — {args.model}, n={args.n}")
-        ranked = sorted((r for r in rows if r.nfe == nfe), key=lambda r: r.error_to_reference)
+        table = Table("rank", "solver", "grid", "proxy FID", "KID×1e3", "err→ref", title=f"NFE {nfe} — {args.model}, n={args.n}")
+        ranked = sorted((r for r in rows if r.nfe == nfe), key=lambda r: r.fid)
         for rank, row in enumerate(ranked[: args.top], start=1):
-            table.add_row(str(rank), row.solver, row.grid, f"{row.error_to_reference:.4f}")
+            err = "–" if row.error_to_reference is None else f"{row.error_to_reference:.4f}"
+            table.add_row(str(rank), row.solver, row.grid, f"{row.fid:.3f}", f"{row.kid * 1e3:.2f}", err)
         console.print(table)
+    for path in write_report(rows, evaluator, Path(args.out)):
+        console.print(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .schedule import load_schedule
+
+    schedule = load_schedule(args.schedule)
+    evaluator = _evaluator(args)
+    result = evaluator.evaluate(schedule)
+    if args.json:
+        print(json.dumps({"schedule": schedule.name, "model": args.model, **result.to_dict()}, indent=2))
+        return 0
+    table = Table("metric", "value", title=f"{schedule.name or args.schedule} on {args.model} (n={args.n}, seed={args.seed})")
+    for name, value in result.to_dict().items():
+        if name != "extra":
+            table.add_row(name, "inf (diverged)" if value is None and result.diverged else str(value))
+    Console().print(table)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from .search.experiment import load_experiment
+    from .search.runner import run_search
+
+    experiment = load_experiment(args.experiment).override(
+        nfe=args.nfe, budget=args.budget, algorithm=args.algorithm, storage_url=args.storage, study=args.study
+    )
+    from .search.searchers import ALGORITHMS
+
+    if experiment.algorithm not in ALGORITHMS:
+        raise SolversearchError(f"unknown algorithm {experiment.algorithm!r}; expected one of {list(ALGORITHMS)}")
+    console = Console()
+    budget = experiment.budget.evaluations
+    status = {"recorded": 0, "best": float("inf"), "stage": 0, "tau": {}}
+
+    def panel() -> Table:
+        table = Table(show_header=False, title=f"{experiment.study_name}: {experiment.algorithm}, NFE {experiment.nfe}")
+        table.add_row("evaluations (this run)", f"{status['recorded']} / ≤{budget}")
+        table.add_row(f"best {experiment.metric.name}", f"{status['best']:.4f}")
+        table.add_row("stage", str(status["stage"]))
+        if status["tau"]:
+            table.add_row("predictor τ per stage", ", ".join(f"{k}: {v:.2f}" for k, v in sorted(status["tau"].items())))
+        return table
+
+    with Live(panel(), console=console, refresh_per_second=2, transient=True) as live:
+        def update(new_status):
+            status.update(new_status)
+            live.update(panel())
+
+        outcome = run_search(experiment, address=args.address, on_update=update, validate=not args.no_validation,
+                             export_dir=Path(args.out))
+    _print_outcome(console, experiment, outcome)
+    return 0
+
+
+def _print_outcome(console, experiment, outcome) -> None:
+    from rich.table import Table
+
+    from .schedule import describe
+
+    metric = experiment.metric.name
+    table = Table("", "schedule", f"{metric} (search, n={experiment.metric.n})",
+                  f"{metric} (validation: seed {experiment.validation_seed}, n={experiment.metric.n * experiment.validation_factor})",
+                  "ms / sample", title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)")
+    rows = [("searched", outcome.best, outcome.validation.get("searched")),
+            ("best baseline", outcome.best_baseline, outcome.validation.get("baseline"))]
+    for label, stored, validated in rows:
+        if stored is None:
+            continue
+        value = stored.metrics.get(metric, float("nan"))
+        check = "–" if validated is None else f"{validated.metrics().get(metric, float('nan')):.4f}"
+        ms = "–" if validated is None else f"{1000.0 / validated.samples_per_second:.2f}"
+        table.add_row(label, stored.schedule.name, f"{value:.4f}", check, ms)
+    console.print(table)
+    if outcome.best is not None:
+        for line in describe(outcome.best.schedule):
+            console.print("  " + line, markup=False, highlight=False)
+    if outcome.exported is not None:
+        console.print(f"wrote {outcome.exported}")
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .search.storage import list_studies, storage_url
+
+    table = Table("study", "trials", "best", "model", "nfe")
+    for row in list_studies(storage_url(args.storage)):
+        description = row.get("description") or {}
+        best = row.get("best_value")
+        table.add_row(row["name"], str(row["n_trials"]), "–" if best is None else f"{best:.4f}",
+                      str(description.get("model", "")), str(description.get("nfe", "")))
+    Console().print(table)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .search.runner import is_baseline
+    from .search.storage import open_existing, storage_url
+
+    console = Console()
+    store = open_existing(storage_url(args.storage), args.study)
+    history = store.history()
+    description = store.description
+    metric = description.get("metric", {}).get("name", "fid")
+    searched = sorted((e for e in history if not is_baseline(e) and not e.diverged), key=lambda e: e.values[0])
+    baselines = sorted((e for e in history if is_baseline(e) and not e.diverged), key=lambda e: e.values[0])
+    for title, rows in ((f"top {args.top} searched schedules", searched), (f"top {args.top} baselines", baselines)):
+        table = Table("trial", "schedule", metric, "stage", "algorithm", title=title)
+        for e in rows[: args.top]:
+            table.add_row(str(e.number), e.schedule.name, f"{e.values[0]:.4f}", str(e.stage), e.algorithm)
+        console.print(table)
+    taus = store.get_attr("kendall_tau", {})
+    if taus:
+        console.print("predictor Kendall τ per stage: " + ", ".join(f"{k}: {v:.2f}" for k, v in taus.items()))
+    sampling = sum(e.cost.get("sampling_seconds", 0.0) for e in history)
+    scoring = sum(e.cost.get("metric_seconds", 0.0) for e in history)
+    predictor = float(store.get_attr("predictor_seconds", 0.0))
+    wall = float(store.get_attr("wall_seconds", 0.0))
+    cost = Table("search cost", "seconds", title=f"{args.study}: {len(history)} evaluations, {sum(e.diverged for e in history)} diverged")
+    for name, seconds in (("sampling (workers)", sampling), ("metric (workers)", scoring), ("predictor training + screening", predictor), ("wall time (driver)", wall)):
+        cost.add_row(name, f"{seconds:.1f}")
+    console.print(cost)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .noise import noise_schedule_from_dict
+    from .search.storage import export_diffusers, open_existing, storage_url
+
+    store = open_existing(storage_url(args.storage), args.study)
+    ranked = store.best(k=args.rank)
+    if len(ranked) < args.rank:
+        raise SolversearchError(f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {args.rank}")
+    chosen = ranked[args.rank - 1]
+    schedule = chosen.schedule.with_metadata(
+        metrics=chosen.metrics,
+        model_fingerprint=store.description.get("model_fingerprint"),
+        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm, "rank": args.rank},
+    )
+    out = Path(args.out)
+    if args.format == "solversearch":
+        schedule.save(out)
+    else:
+        if schedule.noise_schedule is None:
+            raise SolversearchError("the stored schedule has no noise schedule; cannot convert to diffusers timesteps")
+        doc = export_diffusers(schedule, noise_schedule_from_dict(schedule.noise_schedule), args.diffusers_kind)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(out)
+    print(f"wrote {out} (trial {chosen.number}, {chosen.schedule.name})")
     return 0
 
 
@@ -110,6 +359,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _int_list(text: str) -> list[int]:

@@ -3,13 +3,15 @@
 A pure function of (denoiser, noise schedule, schedule, x_T). The coefficients come from
 `plan.compile_plan` before the loop; inside it there are only model calls and tensor
 combinations with Python floats, so nothing waits for the device. Works batched, on any device and
-dtype (the model values are combined in the dtype of x_T).
+dtype (the model values are combined in the dtype of x_T). `SamplerState.advance` is the one step
+both this loop and the diffusers scheduler (`inference.SearchedScheduler`) run.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +29,36 @@ class Solution:
 
     sample: torch.Tensor
     trajectory: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SamplerState:
+    """The sampler's memory between steps: the current x, where the last step started, and the model
+    values (ε and x̂₀) at the points later updates still read."""
+
+    x: torch.Tensor
+    x_start: torch.Tensor
+    eps_at: dict[int, torch.Tensor] = field(default_factory=dict)
+    x0_at: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, x_T: torch.Tensor) -> SamplerState:
+        return cls(x=x_T, x_start=x_T)
+
+    def advance(self, plan: SamplingPlan, i: int, eps: torch.Tensor) -> torch.Tensor:
+        """Step i given ε̂ at (x, t_i): store the point, apply the pending UniC correction of step i − 1,
+        then predict x(t_{i+1}). Returns the corrected x(t_i) (the trajectory point)."""
+        step = plan.steps[i]
+        self.eps_at[i] = eps
+        self.x0_at[i] = (self.x - step.sigma * eps) / step.alpha  # at the uncorrected x, as UniPC does
+        if step.correct_previous is not None:
+            self.x = _combine(step.correct_previous, self.x_start, self.eps_at, self.x0_at)
+        corrected = self.x
+        self.x_start = self.x
+        self.x = _combine(step.predict, self.x, self.eps_at, self.x0_at)
+        for point in step.release:
+            del self.eps_at[point], self.x0_at[point]
+        return corrected
 
 
 def solve(
@@ -56,36 +88,34 @@ def execute(
     batch = x_T.shape[0]
     time_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
     times = torch.tensor([s.t for s in plan.steps], dtype=time_dtype, device=x_T.device)
-    eps_at: dict[int, torch.Tensor] = {}
-    x0_at: dict[int, torch.Tensor] = {}
-    x, x_start = x_T, x_T
+    state = SamplerState.start(x_T)
     trajectory = [x_T] if return_trajectory else None
     for i, step in enumerate(plan.steps):
         if step.evaluate:
             t = times[i].expand(batch)
-            eps = denoiser(x, t, skip=step.skip) if step.skip else denoiser(x, t)
+            eps = denoiser(state.x, t, skip=step.skip) if step.skip else denoiser(state.x, t)
         else:
-            eps = x  # the analytic first step: ε̂(x_T, T) = x_T
-        eps_at[i] = eps
-        x0_at[i] = (x - step.sigma * eps) / step.alpha
-        if step.correct_previous is not None:
-            x = _combine(step.correct_previous, x_start, eps_at, x0_at)
+            eps = state.x  # the analytic first step: ε̂(x_T, T) = x_T
+        corrected = state.advance(plan, i, eps)
         if trajectory is not None and i > 0:
-            trajectory.append(x)
-        x_start = x
-        x = _combine(step.predict, x, eps_at, x0_at)
-        for point in step.release:
-            del eps_at[point], x0_at[point]
+            trajectory.append(corrected)
     if trajectory is not None:
-        trajectory.append(x)
-    return Solution(sample=x, trajectory=None if trajectory is None else tuple(trajectory))
+        trajectory.append(state.x)
+    return Solution(sample=state.x, trajectory=None if trajectory is None else tuple(trajectory))
 
 
 def _combine(
     update: LinearUpdate, x: torch.Tensor, eps_at: dict[int, torch.Tensor], x0_at: dict[int, torch.Tensor]
 ) -> torch.Tensor:
     values = x0_at if update.uses == "x0" else eps_at
-    out = x * update.x_coef if update.x_coef != 0.0 else torch.zeros_like(x)
+    largest = torch.finfo(x.dtype).max
+    out = x * _representable(update.x_coef, largest) if update.x_coef != 0.0 else torch.zeros_like(x)
     for point, weight in update.weights:
-        out = out.add(values[point], alpha=weight)
+        out = out.add(values[point], alpha=_representable(weight, largest))
     return out
+
+
+def _representable(value: float, largest: float) -> float:
+    """A coefficient beyond the dtype's range becomes ±inf (a diverging schedule yields inf/NaN samples)
+    instead of torch's overflow error."""
+    return value if abs(value) <= largest else math.copysign(math.inf, value)

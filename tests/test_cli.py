@@ -21,10 +21,33 @@ def test_presets_lists_and_exports(tmp_path, capsys):
     assert schedule.nfe == 5 and schedule.ends_at_zero and schedule.name == "unipc_2_bh2/trailing/nfe5"
 
 
-def test_baselines_ranks_presets(capsys):
-    assert main(["baselines", "--nfe", "4", "--n", "16", "--top", "3"]) == 0
+def test_baselines_ranks_presets_and_writes_the_report(capsys, tmp_path):
+    argv = ["baselines", "--model", "gmm:digits", "--nfe", "4,6", "--n", "64", "--top", "3", "--out", str(tmp_path),
+            "--solvers", "ddim,dpmpp_2m,unipc_3_bh2", "--grids", "logsnr,trailing"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "NFE 4" in out and "error to reference" in out
+    assert "NFE 4" in out and "NFE 6" in out and "proxy FID" in out
+    rows = json.loads((tmp_path / "baselines.json").read_text())
+    assert len(rows) == 2 * 2 * 3
+    assert set(rows[0]) == {"solver", "grid", "nfe", "fid", "kid", "kid_std", "error_to_reference", "diverged", "seconds"}
+    assert (tmp_path / "metric_vs_nfe.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_evaluate_prints_json_for_a_schedule_file(capsys, tmp_path):
+    schedule = tmp_path / "s.json"
+    main(["presets", "dpmpp_2m", "--nfe", "5", "--out", str(schedule)])
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "gmm:digits", "--schedule", str(schedule), "--n", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nfe"] == 5 and result["fid"] > 0 and result["diverged"] is False
+
+
+def test_evaluate_rejects_a_malformed_schedule_with_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "solversearch.schedule/v1", "nfe": 3')
+    assert main(["evaluate", "--model", "gmm:digits", "--schedule", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
