@@ -1,0 +1,207 @@
+"""Experiments: model + metric + search space + algorithm + budget + resources + storage, read from YAML.
+
+Relative paths (the space, an Inception file) are resolved against the experiment file's folder.
+Command-line overrides (`--nfe`, `--budget`, …) are applied with `Experiment.override`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SolversearchError
+from .space import SearchSpace, load_space
+
+METRICS = ("fid", "kid", "error_to_reference")
+
+
+class ExperimentError(SolversearchError):
+    """An experiment file is invalid."""
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    name: str = "fid"
+    n: int = 500
+    seed: int = 0
+    batch_size: int = 500
+    features: str | None = None
+    inception_path: str | None = None
+    error_to_reference: bool = False
+    mixed_precision: bool = False
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    evaluations: int = 100
+    wall_time_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    concurrent: int = 2
+    custom: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: str
+    space: SearchSpace
+    space_path: str
+    nfe: int | tuple[int, ...]
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    algorithm: str = "s3"
+    algorithm_seed: int = 0
+    algorithm_settings: Mapping[str, Any] = field(default_factory=dict)
+    objectives: tuple[str, ...] = ()  # multi-objective (nsga2): e.g. ("fid", "nfe")
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage_url: str | None = None
+    study: str | None = None
+    ray_address: str | None = None
+    validation_seed: int = 1
+    validation_factor: int = 2
+
+    @property
+    def study_name(self) -> str:
+        if self.study:
+            return self.study
+        nfe = self.nfe if isinstance(self.nfe, int) else "-".join(map(str, self.nfe))
+        suffix = "-mo" if self.objectives else ""
+        return f"{self.name}-nfe{nfe}{suffix}"
+
+    def override(self, **changes: Any) -> Experiment:
+        """Apply command-line overrides; None values leave the experiment unchanged."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        budget = self.budget
+        if "budget" in changes:
+            budget = replace(budget, evaluations=_positive_int(changes.pop("budget"), "budget"))
+        if "nfe" in changes:
+            changes["nfe"] = _nfe(changes["nfe"])
+        if changes.get("algorithm", self.algorithm) != self.algorithm:
+            changes["algorithm_settings"] = {}  # the file's settings belong to its own algorithm
+        return replace(self, budget=budget, **changes)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ExperimentError(f"cannot read experiment {str(path)!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return experiment_from_dict(doc, base=path.parent, default_name=path.stem)
+    except ExperimentError as exc:
+        raise ExperimentError(f"{path}: {exc}") from None
+
+
+def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "experiment") -> Experiment:
+    if not isinstance(doc, Mapping):
+        raise ExperimentError("an experiment must be a mapping")
+    known = {"name", "model", "metric", "space", "nfe", "algorithm", "budget", "resources", "storage", "ray", "validation", "objectives"}
+    _no_unknown(doc, known, "")
+    for key in ("model", "space", "nfe"):
+        if key not in doc:
+            raise ExperimentError(f"{key}: required")
+    space_path = (base / str(doc["space"])).resolve()
+    space = load_space(space_path)
+
+    metric_doc = _mapping(doc.get("metric", {}), "metric")
+    _no_unknown(metric_doc, {f.name for f in fields(MetricConfig)}, "metric.")
+    metric = MetricConfig(**metric_doc)
+    if metric.name not in METRICS:
+        raise ExperimentError(f"metric.name: unknown metric {metric.name!r}; expected one of {list(METRICS)}")
+    _positive_int(metric.n, "metric.n")
+    _positive_int(metric.batch_size, "metric.batch_size")
+    if metric.name == "error_to_reference" and not metric.error_to_reference:
+        metric = replace(metric, error_to_reference=True)
+    if metric.inception_path:
+        metric = replace(metric, inception_path=str((base / metric.inception_path).resolve()))
+
+    algorithm_doc = doc.get("algorithm", {"name": "s3"})
+    if isinstance(algorithm_doc, str):
+        algorithm_doc = {"name": algorithm_doc}
+    algorithm_doc = _mapping(algorithm_doc, "algorithm")
+    _no_unknown(algorithm_doc, {"name", "seed", "settings"}, "algorithm.")
+
+    budget_doc = _mapping(doc.get("budget", {}), "budget")
+    _no_unknown(budget_doc, {"evaluations", "wall_time_s"}, "budget.")
+    budget = BudgetConfig(
+        evaluations=_positive_int(budget_doc.get("evaluations", BudgetConfig.evaluations), "budget.evaluations"),
+        wall_time_s=None if budget_doc.get("wall_time_s") is None else float(budget_doc["wall_time_s"]),
+    )
+    resources_doc = _mapping(doc.get("resources", {}), "resources")
+    _no_unknown(resources_doc, {f.name for f in fields(ResourcesConfig)}, "resources.")
+    resources = ResourcesConfig(**resources_doc)
+    if resources.cpu <= 0 or resources.gpu < 0 or resources.concurrent < 1:
+        raise ExperimentError("resources: need cpu > 0, gpu ≥ 0 and concurrent ≥ 1")
+    storage_doc = _mapping(doc.get("storage", {}), "storage")
+    _no_unknown(storage_doc, {"url", "study"}, "storage.")
+    ray_doc = _mapping(doc.get("ray", {}) or {}, "ray")
+    _no_unknown(ray_doc, {"address"}, "ray.")
+    validation_doc = _mapping(doc.get("validation", {}), "validation")
+    _no_unknown(validation_doc, {"seed", "n_factor"}, "validation.")
+
+    from .searchers import ALGORITHMS
+
+    algorithm = algorithm_doc.get("name", "s3")
+    if algorithm not in ALGORITHMS:
+        raise ExperimentError(f"algorithm.name: unknown algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
+    objectives = tuple(doc.get("objectives", ()))
+    if objectives and (objectives[0] not in METRICS or any(o not in METRICS + ("nfe", "seconds", "macs") for o in objectives)):
+        raise ExperimentError(f"objectives: expected a metric followed by nfe / seconds / macs, got {list(objectives)}")
+    return Experiment(
+        name=str(doc.get("name", default_name)),
+        model=str(doc["model"]),
+        space=space,
+        space_path=str(space_path),
+        nfe=_nfe(doc["nfe"]),
+        metric=metric,
+        algorithm=algorithm,
+        algorithm_seed=int(algorithm_doc.get("seed", 0)),
+        algorithm_settings=dict(algorithm_doc.get("settings") or {}),
+        objectives=objectives,
+        budget=budget,
+        resources=resources,
+        storage_url=storage_doc.get("url"),
+        study=storage_doc.get("study"),
+        ray_address=ray_doc.get("address"),
+        validation_seed=int(validation_doc.get("seed", 1)),
+        validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
+    )
+
+
+def _nfe(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        values = tuple(_positive_int(v, "nfe") for v in value)
+        if not values:
+            raise ExperimentError("nfe: must not be empty")
+        return values if len(values) > 1 else values[0]
+    return _positive_int(value, "nfe")
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExperimentError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ExperimentError(f"{key}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown(doc: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ExperimentError(f"{prefix}{unknown[0]}: unknown key; expected one of {sorted(known)}")

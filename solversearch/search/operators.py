@@ -1,0 +1,283 @@
+"""Search operators on schedules: random sampling, mutation, crossover, repair and the canonical key.
+
+Every operator returns a valid schedule inside the space: `repair` caps orders at the available
+history, drops a corrector from the last step, keeps times strictly decreasing and apart in λ, and
+never silently drops a step. Times move in log-SNR λ, with local moves (small shifts relative to
+the neighbouring steps) as well as resets, and grids are re-laid (`relay_times`) when the number of
+steps or the end points change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from ..grids import make_grid
+from ..noise import NoiseSchedule
+from ..plan import MIN_LAMBDA_GAP
+from ..presets import PRESETS
+from ..schedule import SolverSchedule, Step
+from .space import SearchSpace
+
+LAMBDA_MARGIN = 1e-3  # minimal λ gap the operators keep between neighbouring times (≫ MIN_LAMBDA_GAP)
+COEFFICIENT_DIGITS = 3  # linear scaling coefficients are kept on a 1e-3 lattice, so near-equal ones dedupe
+assert LAMBDA_MARGIN > MIN_LAMBDA_GAP
+
+
+class Operators:
+    """Random / mutate / crossover / repair for one space, NFE budget and noise schedule."""
+
+    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule):
+        self.space, self.nfe, self.noise = space, nfe, noise
+        self.lambda_max = float(noise.lambda_(space.timesteps.t_min))
+
+    # --- construction -------------------------------------------------------------------------
+
+    def n_steps(self, first_step: str) -> int:
+        return self.nfe + (first_step == "analytic")
+
+    def random(self, rng: np.random.Generator) -> SolverSchedule:
+        """A uniformly random member of the space: Dirichlet-distributed λ steps, random decisions."""
+        ts = self.space.timesteps
+        first = _pick(rng, self.space.first_steps)
+        t_start, t_end = _pick(rng, ts.t_start), _pick(rng, ts.t_end)
+        n = self.n_steps(first)
+        lam0 = float(self.noise.lambda_(t_start))
+        lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
+        fractions = np.cumsum(rng.dirichlet(np.ones(n)))  # n increments; with t_end = 0 the last is the tail
+        lams = lam0 + np.concatenate([[0.0], fractions]) * (lam_end - lam0)
+        times = self._times_from_lambdas(lams, t_start, t_end)
+        steps = [self._random_step(rng, i, n) for i in range(n)]
+        return self.repair(times, steps, first)
+
+    def from_grid(self, grid: str, rng: np.random.Generator | None = None, first_step: str = "model") -> SolverSchedule:
+        """A named grid with the space's end points and (random or default) decisions."""
+        ts = self.space.timesteps
+        n = self.n_steps(first_step)
+        base = make_grid(grid, self.noise, n)
+        times = self.relay_times(base, n, ts.t_start[0], ts.t_end[0])
+        steps = [self._random_step(rng, i, n) if rng is not None else Step() for i in range(n)]
+        return self.repair(times, steps, first_step)
+
+    # --- variation ----------------------------------------------------------------------------
+
+    def mutate(self, schedule: SolverSchedule, rng: np.random.Generator, strength: int = 1) -> SolverSchedule:
+        """`strength` random edits: local λ shifts, λ resets, end-point or first-step changes, or one
+        step's decisions redrawn."""
+        times, steps, first = list(schedule.timesteps), list(schedule.steps), schedule.first_step
+        for _ in range(max(1, strength)):
+            moves = ["shift", "shift", "reset"]
+            if len(self.space.timesteps.t_end) > 1 or len(self.space.timesteps.t_start) > 1:
+                moves.append("ends")
+            if len(self.space.first_steps) > 1:
+                moves.append("first_step")
+            if not self.space.fixed_solver:
+                moves += ["decision"] * 4
+            move = _pick(rng, moves)
+            if move in ("shift", "reset"):
+                times = self._move_time(times, rng, local=move == "shift")
+            elif move == "ends":
+                ts = self.space.timesteps
+                times = self.relay_times(times, len(steps), _pick(rng, ts.t_start), _pick(rng, ts.t_end))
+            elif move == "first_step":
+                first = "analytic" if first == "model" else "model"
+                n = self.n_steps(first)
+                times = self.relay_times(times, n, times[0], times[-1])
+                steps = _resize_steps(steps, n)
+            else:
+                i = int(rng.integers(len(steps)))
+                steps[i] = self._mutate_step(steps[i], rng, i, len(steps))
+        return self.repair(times, steps, first)
+
+    def crossover(self, a: SolverSchedule, b: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
+        """A child with a's structure (steps, end points, first step): its times a blend of both parents'
+        in λ, each step's decisions from either parent."""
+        n = a.n_steps
+        b_times = self.relay_times(b.timesteps, n, a.timesteps[0], a.timesteps[-1])
+        weight = float(rng.uniform(0.0, 1.0))
+        lam_a, lam_b = self._positive_lambdas(a.timesteps), self._positive_lambdas(b_times)
+        times = self._times_from_lambdas(
+            np.append((1 - weight) * lam_a + weight * lam_b, self.lambda_max) if a.ends_at_zero else (1 - weight) * lam_a + weight * lam_b,
+            a.timesteps[0],
+            a.timesteps[-1],
+        )
+        b_steps = _resize_steps(list(b.steps), n)
+        steps = [a.steps[i] if rng.random() < 0.5 else b_steps[i] for i in range(n)]
+        return self.repair(times, steps, a.first_step)
+
+    def project(self, schedule: SolverSchedule) -> SolverSchedule:
+        """The schedule re-expressed in the space (e.g. a preset): nearest allowed end points and first
+        step, its λ profile re-laid on the resulting step count, its decisions repaired."""
+        ts, space = self.space.timesteps, self.space
+        first = schedule.first_step if schedule.first_step in space.first_steps else space.first_steps[0]
+        t_start = min(ts.t_start, key=lambda t: abs(t - schedule.timesteps[0]))
+        t_end = min(ts.t_end, key=lambda t: abs(t - schedule.timesteps[-1]))
+        n = self.n_steps(first)
+        times = self.relay_times(schedule.timesteps, n, t_start, t_end)
+        return self.repair(times, _resize_steps(list(schedule.steps), n), first)
+
+    # --- validity -----------------------------------------------------------------------------
+
+    def repair(self, times: list[float] | tuple[float, ...], steps: list[Step], first_step: str) -> SolverSchedule:
+        """The nearest valid schedule in the space (decisions that cannot matter are normalised)."""
+        n = len(steps)
+        times = self._separate(list(times))
+        if self.space.fixed_solver:
+            return replace(PRESETS[self.space.solver].build(times), first_step=first_step)
+        repaired = [self._repair_step(step, i, n, to_zero=i == n - 1 and times[-1] == 0.0) for i, step in enumerate(steps)]
+        return SolverSchedule(timesteps=tuple(times), steps=tuple(repaired), first_step=first_step)
+
+    def key(self, schedule: SolverSchedule) -> str:
+        """Canonical key: equal for schedules that sample identically up to λ rounding (1e-4)."""
+        lams = [round(float(x), 4) if math.isfinite(x) else "inf" for x in self.noise.lambda_(np.array(schedule.timesteps))]
+        doc = {"lambda": lams, "first": schedule.first_step, "steps": [s.to_dict() for s in schedule.steps]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+    def relay_times(self, times, n_steps: int, t_start: float, t_end: float) -> list[float]:
+        """Re-lay a grid's λ profile onto `n_steps` steps from t_start to t_end, keeping its shape:
+        the profile (step index fraction → relative λ) is interpolated at the new step count."""
+        lams = self._positive_lambdas(times)
+        if times[-1] == 0.0:
+            lams = np.append(lams, self.lambda_max)
+        profile = (lams - lams[0]) / (lams[-1] - lams[0])
+        new = np.interp(np.linspace(0, 1, n_steps + 1), np.linspace(0, 1, len(profile)), profile)
+        lam0 = float(self.noise.lambda_(t_start))
+        lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
+        return self._times_from_lambdas(lam0 + new * (lam_end - lam0), t_start, t_end)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _positive_lambdas(self, times) -> np.ndarray:
+        t = np.asarray([x for x in times if x > 0], dtype=np.float64)
+        return self.noise.lambda_(t)
+
+    def _times_from_lambdas(self, lams: np.ndarray, t_start: float, t_end: float) -> list[float]:
+        """n + 1 λ values → times; with t_end = 0 the last λ (the tail end) is replaced by t = 0."""
+        t = [float(x) for x in self.noise.t_of_lambda(np.asarray(lams, dtype=np.float64))]
+        t[0] = t_start
+        t[-1] = t_end
+        return t
+
+    def _separate(self, times: list[float]) -> list[float]:
+        """Enforce strictly increasing λ with a margin, moving interior points only (end points fixed)."""
+        lams = self._positive_lambdas(times)
+        last = len(lams) - 1 if times[-1] > 0 else len(lams)  # index of the first point that is not free
+        upper = lams[-1] if times[-1] > 0 else self.lambda_max
+        count = len(lams) - (1 if times[-1] > 0 else 0)  # points from index 0 that must stay below `upper`
+        if upper - lams[0] < LAMBDA_MARGIN * (count + 1):
+            raise ValueError("the time range is too short for this many steps")
+        for i in range(1, min(last, len(lams))):
+            lams[i] = min(max(lams[i], lams[i - 1] + LAMBDA_MARGIN), upper - LAMBDA_MARGIN * (count - i))
+        out = [float(times[0])] + [float(x) for x in self.noise.t_of_lambda(lams[1:])]
+        if times[-1] > 0:
+            out[-1] = float(times[-1])
+        else:
+            out.append(0.0)
+        return out
+
+    def _move_time(self, times: list[float], rng: np.random.Generator, local: bool) -> list[float]:
+        lams = self._positive_lambdas(times)
+        free_last = len(lams) - 1 if times[-1] > 0 else len(lams)
+        if free_last <= 1:
+            return times
+        j = int(rng.integers(1, free_last))
+        lo = lams[j - 1]
+        hi = lams[j + 1] if j + 1 < len(lams) else self.lambda_max
+        if local:
+            scale = self.space.timesteps.local_shift * min(lams[j] - lo, hi - lams[j])
+            value = lams[j] + rng.normal(0.0, scale)
+        else:
+            value = rng.uniform(lo, hi)
+        lams[j] = float(np.clip(value, lo + LAMBDA_MARGIN, hi - LAMBDA_MARGIN))
+        t = [float(x) for x in self.noise.t_of_lambda(lams)]
+        t[0] = times[0]
+        if times[-1] > 0:
+            t[-1] = times[-1]
+        else:
+            t.append(0.0)
+        return t
+
+    def _random_step(self, rng: np.random.Generator | None, i: int, n: int) -> Step:
+        if rng is None or self.space.fixed_solver:
+            return Step()
+        space = self.space
+        order = int(_pick(rng, [k for k in space.orders if k <= i + 1]))
+        scaling = _pick(rng, space.scalings)
+        low = _pick(rng, space.derivatives) == "low"
+        return Step(
+            prediction=_pick(rng, space.predictions),
+            order=order,
+            derivative_points=_points(order, low),
+            scaling=scaling,
+            linear_coefficient=float(rng.uniform(*space.linear_range)) if scaling == "linear" else 0.0,
+            corrector=_pick(rng, space.correctors) if i < n - 1 else "none",
+        )
+
+    def _mutate_step(self, step: Step, rng: np.random.Generator, i: int, n: int) -> Step:
+        space = self.space
+        field_name = _pick(rng, ["prediction", "order", "derivatives", "scaling", "corrector"])
+        if field_name == "prediction":
+            return replace(step, prediction=_pick(rng, space.predictions))
+        if field_name == "order":
+            order = int(_pick(rng, [k for k in space.orders if k <= i + 1]))
+            return replace(step, order=order, derivative_points=_points(order, _is_low(step)))
+        if field_name == "derivatives":
+            return replace(step, derivative_points=_points(step.order, _pick(rng, space.derivatives) == "low"))
+        if field_name == "scaling":
+            scaling = _pick(rng, space.scalings)
+            if scaling == "linear" and step.scaling == "linear" and rng.random() < 0.5:
+                # local move of the coefficient
+                width = space.linear_range[1] - space.linear_range[0]
+                coefficient = step.linear_coefficient + rng.normal(0.0, 0.15 * width)
+            else:
+                coefficient = float(rng.uniform(*space.linear_range))
+            return replace(step, scaling=scaling, linear_coefficient=coefficient if scaling == "linear" else 0.0)
+        return replace(step, corrector=_pick(rng, space.correctors) if i < n - 1 else "none")
+
+    def _repair_step(self, step: Step, i: int, n: int, to_zero: bool) -> Step:
+        space = self.space
+        allowed = [k for k in space.orders if k <= i + 1] or [1]
+        order = 1 if to_zero else (step.order if step.order in allowed else max(allowed))
+        corrector = step.corrector if i < n - 1 and step.corrector in space.correctors else "none"
+        scaling = step.scaling if step.scaling in space.scalings else space.scalings[0]
+        if order == 1 and corrector == "none":
+            scaling = "none"  # no derivative term: the scaling cannot matter
+        coefficient = 0.0
+        if scaling == "linear":
+            low, high = space.linear_range
+            coefficient = round(float(np.clip(step.linear_coefficient, low, high)), COEFFICIENT_DIGITS)
+        prediction = step.prediction if step.prediction in space.predictions else space.predictions[0]
+        low_order = _is_low(step) and "low" in space.derivatives or "full" not in space.derivatives
+        return Step(
+            prediction=prediction,
+            order=order,
+            derivative_points=_points(order, low_order),
+            scaling=scaling,
+            linear_coefficient=coefficient,
+            corrector=corrector,
+            skip=step.skip,
+        )
+
+
+def _points(order: int, low: bool) -> tuple[tuple[int, ...], ...]:
+    full = tuple(range(1, order))
+    return tuple(((1,) if low and n == 1 else full) for n in range(1, order))
+
+
+def _is_low(step: Step) -> bool:
+    return step.order >= 3 and len(step.derivative_points[0]) < step.order - 1
+
+
+def _resize_steps(steps: list[Step], n: int) -> list[Step]:
+    """Steps for a schedule of n steps, taking the step at the proportional index of the old one."""
+    m = len(steps)
+    return [steps[min(m - 1, round(i * (m - 1) / max(n - 1, 1)))] for i in range(n)]
+
+
+def _pick(rng: np.random.Generator, options):
+    options = list(options)
+    return options[int(rng.integers(len(options)))]

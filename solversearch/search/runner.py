@@ -1,0 +1,302 @@
+"""Run an experiment as a Ray Tune experiment whose trials are persisted in an Optuna study.
+
+The driver rebuilds the searcher from the study (so running the same command again resumes: every
+stored evaluation is kept, none is repeated), lets Ray Tune run the remaining budget on workers, and
+records each finished trial in the study as one complete Optuna trial, from the driver, the moment
+it finishes. At the end the best searched schedule and the best preset baseline are re-evaluated with
+a different seed and more samples, side by side, and the winner is written as `<study>.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import SolversearchError
+from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
+from ..models.spec import ModelHandle, load_model
+from ..schedule import SolverSchedule
+from .encoding import ScheduleEncoding
+from .experiment import Experiment
+from .operators import Operators
+from .searchers import Observation, ScheduleSearcher, make_searcher
+from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
+from .trainable import EvaluationContext, evaluate_trial
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    study: str
+    evaluations: int
+    new_evaluations: int
+    best: StoredEvaluation | None
+    best_baseline: StoredEvaluation | None
+    validation: dict[str, EvaluationResult]
+    exported: Path | None
+    seconds: float
+
+
+def evaluation_settings(experiment: Experiment, device: str = "cpu") -> EvaluationSettings:
+    m = experiment.metric
+    return EvaluationSettings(
+        n=m.n,
+        seed=m.seed,
+        batch_size=m.batch_size,
+        device=device,
+        mixed_precision=m.mixed_precision,
+        features=m.features,
+        inception_path=m.inception_path,
+        error_to_reference=m.error_to_reference,
+    )
+
+
+def objectives(experiment: Experiment) -> tuple[str, ...]:
+    return experiment.objectives or (experiment.metric.name,)
+
+
+def study_description(experiment: Experiment, model: ModelHandle) -> dict[str, Any]:
+    """What makes two runs the same search (checked when a study is resumed)."""
+    return {
+        "experiment": experiment.name,
+        "model": experiment.model,
+        "model_fingerprint": model.fingerprint,
+        "metric": {"name": experiment.metric.name, "n": experiment.metric.n, "seed": experiment.metric.seed,
+                   "features": experiment.metric.features or model.default_features},
+        "nfe": experiment.nfe,
+        "space": experiment.space.describe(),
+        "objectives": list(objectives(experiment)),
+    }
+
+
+def open_store(experiment: Experiment, model: ModelHandle) -> StudyStore:
+    return StudyStore(
+        storage_url(experiment.storage_url),
+        experiment.study_name,
+        directions=["minimize"] * len(objectives(experiment)),
+        description=study_description(experiment, model),
+    )
+
+
+def observations_from(history: list[StoredEvaluation], metric: str) -> list[Observation]:
+    return [
+        Observation(e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage)
+        for e in history
+    ]
+
+
+def build_searcher(experiment: Experiment, model: ModelHandle, history: list[StoredEvaluation]) -> ScheduleSearcher:
+    metric = list(objectives(experiment)) if len(objectives(experiment)) > 1 else experiment.metric.name
+    nfe = experiment.nfe
+    if not isinstance(nfe, int) and experiment.algorithm != "nsga2":
+        raise SolversearchError(f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]")
+    values = {e.key: list(e.values) for e in history} if len(objectives(experiment)) > 1 else None
+    return make_searcher(
+        experiment.algorithm,
+        experiment.space,
+        nfe,
+        model.noise_schedule,
+        settings=experiment.algorithm_settings,
+        seed=experiment.algorithm_seed + len(history),  # a resumed search does not replay the same random draws
+        metric=metric,
+        history=observations_from(history, experiment.metric.name),
+        history_values=values,
+    )
+
+
+class StudyRecorder:
+    """Writes each finished trial to the study (one complete Optuna trial) and keeps progress figures."""
+
+    def __init__(self, store: StudyStore, experiment: Experiment, model: ModelHandle, searcher: ScheduleSearcher,
+                 on_update: Callable[[dict[str, Any]], None] | None = None):
+        self.store, self.experiment, self.searcher, self.on_update = store, experiment, searcher, on_update
+        self.noise = model.noise_schedule
+        self.encodings: dict[int, ScheduleEncoding] = {}
+        self.recorded = 0
+        self.best = min((e.values[0] for e in store.history() if math.isfinite(e.values[0])), default=math.inf)
+
+    def record(self, config: dict[str, Any], result: dict[str, Any]) -> None:
+        schedule = SolverSchedule.from_dict(config["schedule"])
+        schedule = schedule.with_metadata(
+            name=schedule.name or f"{self.experiment.study_name}/{config['key']}",
+            noise_schedule=self.noise.to_dict(),
+        )
+        encoding = self.encodings.setdefault(schedule.nfe, ScheduleEncoding(Operators(self.experiment.space, schedule.nfe, self.noise)))
+        params, distributions = encoding.from_schedule(schedule)
+        diverged = bool(result.get("diverged"))
+        metrics = {k: float(result[k]) for k in ("fid", "kid", "kid_std", "error_to_reference") if _number(result.get(k))}
+        values = [math.inf if diverged else float(result[o]) for o in objectives(self.experiment)]
+        cost = {k: float(result[k]) for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs") if _number(result.get(k))}
+        self.store.record(
+            schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
+            stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
+        )
+        self.recorded += 1
+        if math.isfinite(values[0]):
+            self.best = min(self.best, values[0])
+        taus = getattr(self.searcher, "kendall_taus", {})
+        if taus:
+            self.store.set_attr("kendall_tau", {str(k): v for k, v in sorted(taus.items())})
+        self.store.set_attr("predictor_seconds", self.searcher.timings.get("predictor_seconds", 0.0))
+        if self.on_update is not None:
+            self.on_update({"recorded": self.recorded, "best": self.best, "stage": self.searcher.stage, "tau": taus})
+
+
+def run_search(
+    experiment: Experiment,
+    *,
+    address: str | None = None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    validate: bool = True,
+    export_dir: Path | None = None,
+) -> SearchOutcome:
+    started = time.perf_counter()
+    model = load_model(experiment.model)
+    store = open_store(experiment, model)
+    history = store.history()
+    remaining = experiment.budget.evaluations - len(history)
+    new = 0
+    if remaining > 0:
+        searcher = build_searcher(experiment, model, history)
+        recorder = StudyRecorder(store, experiment, model, searcher, on_update)
+        _run_tune(experiment, model, searcher, recorder, remaining, address or experiment.ray_address)
+        new = recorder.recorded
+    store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
+    history = store.history()
+    best = _best(history, searched=True)
+    baseline = _best(history, searched=False)
+    validation: dict[str, EvaluationResult] = {}
+    exported = None
+    if validate and best is not None:
+        validation = validate_best(experiment, model, best, baseline)
+        store.set_attr("validation", {k: v.to_dict() for k, v in validation.items()})
+    if best is not None:
+        winner = best.schedule.with_metadata(
+            metrics={**best.metrics, **{f"validation_{k}": v for k, v in (validation["searched"].metrics().items() if "searched" in validation else [])}},
+            model_fingerprint=model.fingerprint,
+            provenance={"study": experiment.study_name, "trial": best.number, "algorithm": best.algorithm,
+                        "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name},
+        )
+        exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
+    return SearchOutcome(experiment.study_name, len(history), new, best, baseline, validation, exported, time.perf_counter() - started)
+
+
+def validate_best(experiment: Experiment, model: ModelHandle, best: StoredEvaluation,
+                  baseline: StoredEvaluation | None) -> dict[str, EvaluationResult]:
+    """Re-evaluate on fresh noise (another seed) with `validation_factor`× the samples."""
+    settings = replace(
+        evaluation_settings(experiment),
+        seed=experiment.validation_seed,
+        n=experiment.metric.n * experiment.validation_factor,
+        error_to_reference=False,
+    )
+    evaluator = Evaluator(model, settings)
+    out = {"searched": evaluator.evaluate(best.schedule)}
+    if baseline is not None:
+        out["baseline"] = evaluator.evaluate(baseline.schedule)
+    return out
+
+
+def is_baseline(evaluation: StoredEvaluation) -> bool:
+    """Stage-0 presets are the baselines (their names are "<preset>/<grid>/nfe<N>")."""
+    from ..presets import PRESETS
+
+    return evaluation.stage == 0 and evaluation.schedule.name.split("/")[0] in PRESETS
+
+
+def _best(history: list[StoredEvaluation], searched: bool) -> StoredEvaluation | None:
+    pool = [e for e in history if not e.diverged and math.isfinite(e.values[0]) and is_baseline(e) != searched]
+    if searched and not pool:
+        pool = [e for e in history if not e.diverged and math.isfinite(e.values[0])]
+    return min(pool, key=lambda e: e.values[0], default=None)
+
+
+def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSearcher, recorder: StudyRecorder,
+              remaining: int, address: str | None) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    _init_ray(address)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our display is the progress
+    resources = {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu, **dict(experiment.resources.custom)}
+    context = EvaluationContext(
+        model=experiment.model,
+        settings=evaluation_settings(experiment),
+        threads=max(1, int(experiment.resources.cpu)),
+    )
+    trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context), resources)
+
+    class _Record(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.last_result and "fid" in trial.last_result:
+                recorder.record(trial.config, trial.last_result)
+
+        def __reduce__(self):
+            # Tune pickles its callbacks for its own restore files; a search resumes from the study
+            # instead, so the copy needs no recorder (which holds a database connection).
+            return (_NoOpCallback, ())
+
+    results_dir = tempfile.mkdtemp(prefix="solversearch-tune-")
+    try:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=experiment.resources.concurrent),
+                num_samples=remaining,
+                time_budget_s=experiment.budget.wall_time_s,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment.study_name,
+                storage_path=results_dir,
+                callbacks=[_Record()],
+                failure_config=tune.FailureConfig(max_failures=2),
+                verbose=0,
+            ),
+        )
+        tuner.fit()
+    finally:
+        shutil.rmtree(results_dir, ignore_errors=True)
+        if address is None:
+            ray.shutdown()
+
+
+def _no_op_callback_class():
+    from ray import tune
+
+    class NoOp(tune.Callback):
+        pass
+
+    return NoOp
+
+
+def _NoOpCallback():  # noqa: N802 - a factory used by pickle
+    return _no_op_callback_class()()
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # A private local Ray for this command: token authentication protects clusters, not a
+        # single-process run on localhost (see README "Run on a cluster" for shared clusters).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SolversearchError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

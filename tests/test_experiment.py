@@ -1,0 +1,74 @@
+"""Experiment files: the committed ones load; invalid ones name the key; command-line overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from solversearch.search.experiment import ExperimentError, experiment_from_dict, load_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["digits", "gmm_digits", "local_diffusers"])
+def test_committed_experiments_load(name):
+    experiment = load_experiment(REPO / "experiments" / f"{name}.yaml")
+    assert experiment.space.name == "usf" and experiment.nfe == 5
+    assert Path(experiment.space_path).is_file()
+
+
+def test_the_main_job_is_the_bundled_model_with_s3():
+    experiment = load_experiment(REPO / "experiments" / "digits.yaml")
+    assert experiment.model == "bundled:digits" and experiment.algorithm == "s3"
+    assert experiment.study_name == "digits-nfe5"
+
+
+def base_doc():
+    return yaml.safe_load((REPO / "experiments" / "gmm_digits.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"metric": {"name": "ssim"}}, "metric.name"),
+        ({"metric": {"n": 0}}, "metric.n"),
+        ({"metric": {"samples": 10}}, "metric.samples"),
+        ({"algorithm": {"name": "annealing"}}, "algorithm.name"),
+        ({"budget": {"evaluations": -1}}, "budget.evaluations"),
+        ({"resources": {"cpu": 0}}, "resources"),
+        ({"nfe": "five"}, "nfe"),
+        ({"nfe": None}, "nfe"),
+        ({"colour": "red"}, "colour"),
+        ({"storage": {"path": "x"}}, "storage.path"),
+        ({"objectives": ["fid", "beauty"]}, "objectives"),
+    ],
+)
+def test_invalid_experiments_name_the_key(change, words):
+    doc = base_doc()
+    doc.update(change)
+    with pytest.raises(ExperimentError, match=words):
+        experiment_from_dict(doc, base=REPO / "experiments")
+
+
+def test_missing_required_keys_and_bad_files(tmp_path):
+    doc = base_doc()
+    del doc["model"]
+    with pytest.raises(ExperimentError, match="model: required"):
+        experiment_from_dict(doc, base=REPO / "experiments")
+    (tmp_path / "e.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment(tmp_path / "e.yaml")
+    with pytest.raises(ExperimentError, match="cannot read"):
+        load_experiment(tmp_path / "absent.yaml")
+
+
+def test_command_line_overrides():
+    experiment = load_experiment(REPO / "experiments" / "gmm_digits.yaml").override(
+        nfe=7, budget=12, algorithm="tpe", storage_url="sqlite:///x.db", study=None
+    )
+    assert (experiment.nfe, experiment.budget.evaluations, experiment.algorithm) == (7, 12, "tpe")
+    assert experiment.storage_url == "sqlite:///x.db" and experiment.study_name == "gmm_digits-nfe7"
+    with pytest.raises(ExperimentError, match="budget"):
+        load_experiment(REPO / "experiments" / "gmm_digits.yaml").override(budget=0)

@@ -1,0 +1,140 @@
+"""Searchers without Ray: suggest / complete / save / restore / resume, on a cheap synthetic metric."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from solversearch import DiscreteVP, SolverSchedule
+from solversearch.search.searchers import ALGORITHMS, Observation, drive, make_searcher
+from solversearch.search.space import load_space
+
+NOISE = DiscreteVP.from_diffusers_config({})
+USF = load_space("search_spaces/usf.yaml")
+# A 5-step λ grid no preset grid matches: dense at high noise, sparse at low noise.
+TARGET = NOISE.lambda_(1.0) + (NOISE.lambda_(1e-3) - NOISE.lambda_(1.0)) * np.linspace(0, 1, 6) ** 1.7
+
+
+def synthetic_metric(schedule: SolverSchedule) -> dict[str, float]:
+    """Deterministic and cheap: distance of the λ grid to a target, plus penalties for low orders and
+    noise prediction; schedules of other lengths pay for it."""
+    lam = NOISE.lambda_(np.array([t for t in schedule.timesteps if t > 0]))
+    grid = np.interp(np.linspace(0, 1, 6), np.linspace(0, 1, len(lam)), lam)
+    value = float(np.mean((grid - TARGET) ** 2))
+    value += sum(0.05 * (3 - s.order) + 0.1 * (s.prediction == "noise") for s in schedule.steps)
+    return {"fid": 1.0 + value, "nfe": float(schedule.nfe), "diverged": False}
+
+
+def searcher(algorithm, **kwargs):
+    settings = {"k": 6, "pool": 300, "population": 24, "stage0_mutants": 4} if algorithm == "s3" else None
+    if algorithm == "evolution":
+        settings = {"k": 6, "stage0_mutants": 4}
+    return make_searcher(algorithm, USF, 5, NOISE, settings=settings, seed=3, **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+def test_searchers_never_propose_a_schedule_twice(algorithm):
+    s = searcher(algorithm)
+    keys = []
+    done = drive(s, synthetic_metric, 40, on_result=lambda config, result: keys.append(config["key"]))
+    assert done == 40 and len(set(keys)) == 40
+    assert all(SolverSchedule.from_dict(o.schedule.to_dict()).nfe == 5 for o in s.observations)
+
+
+@pytest.mark.parametrize("algorithm", ["s3", "evolution"])
+def test_stage_zero_evaluates_the_presets_first(algorithm):
+    s = searcher(algorithm)
+    names = []
+    drive(s, synthetic_metric, 10, on_result=lambda config, result: names.append(config["schedule"]["name"]))
+    assert all(name.endswith("/nfe5") for name in names[:10])
+    assert {n.split("/")[0] for n in names} >= {"ddim", "dpmpp_2m"}
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+def test_save_and_restore_mid_search_continues_identically(algorithm, tmp_path):
+    original = searcher(algorithm)
+    drive(original, synthetic_metric, 18)
+    path = tmp_path / "searcher.pkl"
+    original.save(str(path))
+    restored = searcher(algorithm)
+    restored.restore(str(path))
+    a_keys, b_keys = [], []
+    for s, keys in ((original, a_keys), (restored, b_keys)):
+        for i in range(12):
+            config = s.suggest(f"next-{i}")
+            keys.append(config["key"])
+            s.on_trial_complete(f"next-{i}", synthetic_metric(SolverSchedule.from_dict(config["schedule"])))
+    assert a_keys == b_keys
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+def test_a_searcher_rebuilt_from_history_never_repeats_an_evaluation(algorithm):
+    first = searcher(algorithm)
+    drive(first, synthetic_metric, 20)
+    history = list(first.observations)
+    resumed = searcher(algorithm, history=history)
+    keys = []
+    drive(resumed, synthetic_metric, 15, on_result=lambda config, result: keys.append(config["key"]))
+    assert not set(keys) & {o.key for o in history}
+    assert len(set(keys)) == 15
+
+
+def test_a_lost_trial_can_be_proposed_again():
+    s = searcher("random")
+    config = s.suggest("t1")
+    s.on_trial_complete("t1", None, error=True)
+    assert config["key"] not in s.known and not s.observations
+
+
+def test_s3_trains_its_predictor_and_records_kendall_tau_per_stage():
+    s = searcher("s3")
+    drive(s, synthetic_metric, 60)
+    assert s.stage >= 3
+    assert set(s.kendall_taus) and all(-1.0 <= tau <= 1.0 for tau in s.kendall_taus.values())
+    assert np.mean(list(s.kendall_taus.values())) > 0.2, s.kendall_taus
+    assert s.timings["predictor_seconds"] > 0
+
+
+def test_s3_improves_on_its_stage_zero():
+    s = searcher("s3")
+    drive(s, synthetic_metric, 60)
+    stage0 = min(o.value for o in s.observations if o.stage == 0)
+    later = min(o.value for o in s.observations if o.stage > 0)
+    assert later < stage0
+
+
+def test_nsga2_searches_several_budgets_for_two_objectives():
+    s = make_searcher("nsga2", USF, (4, 6, 8), NOISE, metric=["fid", "nfe"], seed=0)
+    seen = []
+    drive(s, synthetic_metric, 24, on_result=lambda config, result: seen.append(SolverSchedule.from_dict(config["schedule"]).nfe))
+    assert set(seen) <= {4, 6, 8} and len(set(seen)) > 1
+
+
+def test_optuna_searchers_warm_start_from_history():
+    first = searcher("tpe")
+    drive(first, synthetic_metric, 12)
+    resumed = searcher("tpe", history=list(first.observations))
+    assert len(resumed.inner._ot_study.trials) == 12
+    keys = []
+    drive(resumed, synthetic_metric, 8, on_result=lambda config, result: keys.append(config["key"]))
+    assert not set(keys) & {o.key for o in first.observations}
+
+
+def test_unknown_algorithms_and_settings_are_user_errors():
+    from solversearch.errors import SolversearchError
+
+    with pytest.raises(SolversearchError, match="unknown algorithm"):
+        make_searcher("annealing", USF, 5, NOISE)
+    with pytest.raises(SolversearchError, match="bad settings"):
+        make_searcher("s3", USF, 5, NOISE, settings={"temperature": 3})
+    with pytest.raises(SolversearchError, match="takes no settings"):
+        make_searcher("tpe", USF, 5, NOISE, settings={"k": 3})
+
+
+def test_observations_are_plain_data():
+    s = searcher("random")
+    drive(s, synthetic_metric, 3)
+    assert isinstance(s.observations[0], Observation)
+    assert copy.deepcopy(s.observations) == s.observations
