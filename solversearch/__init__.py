@@ -7,17 +7,35 @@ from .schedule import FORMAT, SolverSchedule, Step, load_schedule
 
 __version__ = "0.1.0"
 
+
+def sample(*args, **kwargs):
+    """Images from a schedule in one call; see `solversearch.inference.sample`."""
+    from .inference import sample as _sample
+
+    return _sample(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    # The diffusers scheduler imports diffusers; load it only when asked for.
+    if name == "SearchedScheduler":
+        from .inference import SearchedScheduler
+
+        return SearchedScheduler
+    raise AttributeError(f"module 'solversearch' has no attribute {name!r}")
+
 __all__ = [
     "FORMAT",
     "DiscreteVP",
     "LinearVP",
     "NoiseSchedule",
     "ScheduleError",
+    "SearchedScheduler",
     "Solution",
     "SolverSchedule",
     "SolversearchError",
     "Step",
     "load_schedule",
     "noise_schedule_from_dict",
+    "sample",
     "solve",
 ]

@@ -54,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_cmd_evaluate)
+    p = commands.add_parser("sample", help="draw samples with a schedule JSON and save them as a PNG grid")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--schedule", required=True, help="schedule JSON file")
+    p.add_argument("--n", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="samples.png", help="PNG grid")
+    p.add_argument("--npz", help="also write the raw samples (float32, model data range) to this .npz")
+    p.add_argument("--strict", action="store_true", help="a schedule searched on another model is an error")
+    p.set_defaults(run=_cmd_sample)
+
     p = commands.add_parser("search", help="search the best solver schedule for an experiment")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
     p.add_argument("--nfe", type=_positive_int, help="NFE budget (overrides the experiment)")
@@ -204,6 +215,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import warnings
+    from pathlib import Path
+
+    import numpy as np
+
+    from .baselines import save_sample_grid
+    from .inference import sample
+    from .schedule import load_schedule
+
+    schedule = load_schedule(args.schedule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = sample(args.model, schedule, n=args.n, seed=args.seed, device=args.device, strict=args.strict)
+    for warning in caught:
+        print(f"solversearch: warning: {warning.message}", file=sys.stderr)
+    if not bool(images.isfinite().all()):
+        raise SolversearchError(f"the schedule {schedule.name or args.schedule} diverged on this model (NaN/inf samples); nothing written")
+    per_row = 8
+    rows = [images[i : i + per_row] for i in range(0, images.shape[0], per_row)]
+    labels = [f"{schedule.name or Path(args.schedule).name}, seed {args.seed}"] + [""] * (len(rows) - 1)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    save_sample_grid(rows, labels, tmp)
+    if args.npz:
+        npz = Path(args.npz)
+        npz_tmp = npz.with_name(f".{npz.stem}.tmp.npz")
+        np.savez(npz_tmp, samples=images.numpy(), seed=np.array(args.seed))
+        npz_tmp.replace(npz)
+    tmp.replace(out)
+    print(f"wrote {out}" + (f" and {args.npz}" if args.npz else ""))
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -335,7 +380,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     schedule = chosen.schedule.with_metadata(
         metrics=chosen.metrics,
         model_fingerprint=store.description.get("model_fingerprint"),
-        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm, "rank": args.rank},
+        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm, "rank": args.rank,
+                    "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type")},
     )
     out = Path(args.out)
     if args.format == "solversearch":

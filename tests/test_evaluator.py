@@ -76,8 +76,10 @@ def bundled():
 
 
 def test_bundled_model_fid_decreases_with_nfe(bundled, cache):
-    """DPM-Solver++(2M) on the bundled UNet: proxy FID at NFE 3 > 5 > 10 > 50 (same x_T)."""
-    evaluator = Evaluator(bundled, EvaluationSettings(n=500, error_to_reference=False), cache)
+    """DPM-Solver++(2M) on the bundled UNet: proxy FID at NFE 3 > 5 > 10 > 50 (same x_T). n = 2000: at
+    NFE 10 the solver error is already near the proxy-FID noise of smaller sample sets (see
+    benchmarks/evaluation_throughput.py)."""
+    evaluator = Evaluator(bundled, EvaluationSettings(n=2000, error_to_reference=False), cache)
     fids = [evaluator.evaluate(presets.build("dpmpp_2m", bundled.noise_schedule, nfe, "logsnr")).fid for nfe in (3, 5, 10, 50)]
     assert fids[0] > fids[1] > fids[2] > fids[3], fids
 
@@ -88,7 +90,7 @@ def test_bundled_model_ddim_50_is_within_noise_of_the_floor(bundled, cache):
     seed-to-seed noise of the floor; DDIM at NFE 5 does not."""
     floors, ddim50, ddim5 = [], [], []
     for seed in range(3):
-        evaluator = Evaluator(bundled, EvaluationSettings(n=500, seed=seed, error_to_reference=False), cache)
+        evaluator = Evaluator(bundled, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), cache)
         floors.append(evaluator.floor().fid)
         ddim50.append(evaluator.evaluate(presets.build("ddim", bundled.noise_schedule, 50, "logsnr")).fid)
         ddim5.append(evaluator.evaluate(presets.build("ddim", bundled.noise_schedule, 5, "logsnr")).fid)

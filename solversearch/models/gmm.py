@@ -23,6 +23,8 @@ from .base import alpha_sigma
 class GaussianMixtureDenoiser(torch.nn.Module):
     """Exact ε* of a Gaussian mixture under a VP noise schedule; data of shape `sample_shape`."""
 
+    prediction_type = "epsilon"  # what it returns (the exact ε), for compatibility checks
+
     def __init__(
         self,
         weights: np.ndarray,

@@ -67,6 +67,7 @@ def study_description(experiment: Experiment, model: ModelHandle) -> dict[str, A
         "experiment": experiment.name,
         "model": experiment.model,
         "model_fingerprint": model.fingerprint,
+        "prediction_type": model.denoiser.prediction_type,
         "metric": {"name": experiment.metric.name, "n": experiment.metric.n, "seed": experiment.metric.seed,
                    "features": experiment.metric.features or model.default_features},
         "nfe": experiment.nfe,
@@ -181,7 +182,8 @@ def run_search(
             metrics={**best.metrics, **{f"validation_{k}": v for k, v in (validation["searched"].metrics().items() if "searched" in validation else [])}},
             model_fingerprint=model.fingerprint,
             provenance={"study": experiment.study_name, "trial": best.number, "algorithm": best.algorithm,
-                        "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name},
+                        "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
+                        "model": experiment.model, "prediction_type": model.denoiser.prediction_type},
         )
         exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
     return SearchOutcome(experiment.study_name, len(history), new, best, baseline, validation, exported, time.perf_counter() - started)
