@@ -18,6 +18,7 @@ import torch
 from ..errors import SolversearchError
 from ..noise import DiscreteVP, NoiseSchedule
 from .base import alpha_sigma
+from .pruning import UnitCosts, prunable_units, skipping, unit_costs
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -41,6 +42,7 @@ class UNetDenoiser(torch.nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.log_alpha = noise_schedule.torch_log_alpha()
         self._fingerprint: str | None = None
+        self._unit_costs: UnitCosts | None = None
 
     # --- construction -------------------------------------------------------------------------
 
@@ -92,6 +94,33 @@ class UNetDenoiser(torch.nn.Module):
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    # --- block skipping ------------------------------------------------------------------------
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        """Names of the UNet blocks a schedule step may skip (`Step.skip`), in forward order."""
+        return prunable_units(self.unet)
+
+    def unit_costs(self) -> UnitCosts:
+        """MACs of one UNet forward per sample and each unit's saving (cached). With guidance every
+        sampler step runs two such forwards per sample."""
+        if self._unit_costs is None:
+            self._unit_costs = unit_costs(self.unet, self.sample_shape, **self._dummy_conditioning())
+        return self._unit_costs
+
+    def _dummy_conditioning(self) -> dict[str, torch.Tensor]:
+        parameter = next(self.unet.parameters())
+        config, dummy = self.unet.config, {}
+        cross_attention_dim = getattr(config, "cross_attention_dim", None)
+        if cross_attention_dim is not None:  # UNet2DConditionModel: one token of the encoder's width
+            width = getattr(config, "encoder_hid_dim", None) or cross_attention_dim
+            if not isinstance(width, int):
+                raise SolversearchError(f"cannot build a dummy encoder_hidden_states of width {width!r}")
+            dummy["encoder_hidden_states"] = torch.zeros(1, 1, width, dtype=parameter.dtype, device=parameter.device)
+        if isinstance(getattr(self.unet, "class_embedding", None), torch.nn.Embedding):
+            dummy["class_labels"] = torch.zeros(1, dtype=torch.long, device=parameter.device)
+        return dummy
+
     # --- evaluation ---------------------------------------------------------------------------
 
     def bind(self, **conditioning: torch.Tensor) -> BoundDenoiser:
@@ -101,7 +130,13 @@ class UNetDenoiser(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, **conditioning: Any) -> torch.Tensor:
-        conditioning.pop("skip", None)  # block skipping arrives with the pruning module
+        skip = conditioning.pop("skip", None)
+        if skip:
+            with skipping(self.unet, skip):
+                return self._guided(x, t, conditioning)
+        return self._guided(x, t, conditioning)
+
+    def _guided(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
         negative = conditioning.pop("negative_encoder_hidden_states", None)
         if self.guidance_scale == 1.0:
             return self._eps(x, t, conditioning)
