@@ -296,18 +296,18 @@ def _print_outcome(console, experiment, outcome) -> None:
     from .schedule import describe
 
     metric = experiment.metric.name
-    table = Table("", "schedule", f"{metric} (search, n={experiment.metric.n})",
-                  f"{metric} (validation: seed {experiment.validation_seed}, n={experiment.metric.n * experiment.validation_factor})",
-                  "ms / sample", title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)")
-    rows = [("searched", outcome.best, outcome.validation.get("searched")),
-            ("best baseline", outcome.best_baseline, outcome.validation.get("baseline"))]
-    for label, stored, validated in rows:
-        if stored is None:
-            continue
-        value = stored.metrics.get(metric, float("nan"))
+    n_check = experiment.metric.n * experiment.validation_factor
+    table = Table("", "schedule", "NFE", f"{metric}\n(search, n={experiment.metric.n})",
+                  f"{metric}\n(seed {experiment.validation_seed}, n={n_check})", "GMACs\n/sample", "ms\n/sample",
+                  title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)")
+    for row in outcome.report:
+        validated = row.validated
         check = "–" if validated is None else f"{validated.metrics().get(metric, float('nan')):.4f}"
         ms = "–" if validated is None else f"{1000.0 / validated.samples_per_second:.2f}"
-        table.add_row(label, stored.schedule.name, f"{value:.4f}", check, ms)
+        macs = row.stored.cost.get("macs")
+        table.add_row(row.label, row.stored.schedule.name, str(row.stored.schedule.nfe),
+                      f"{row.stored.metrics.get(metric, float('nan')):.4f}", check,
+                      "–" if macs is None else f"{macs / 1e9:.3f}", ms)
     console.print(table)
     if outcome.best is not None:
         for line in describe(outcome.best.schedule):

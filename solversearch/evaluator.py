@@ -127,6 +127,7 @@ class Evaluator:
             sampling_seconds=sampled - started,
             metric_seconds=finished - sampled,
             samples_per_second=self.settings.n / max(sampled - started, 1e-9),
+            macs=self.macs(schedule),
         )
 
     @torch.no_grad()
@@ -141,6 +142,12 @@ class Evaluator:
                 x = execute(plan, self._denoiser_for(start, stop), x_T).sample
             out.append(x.float().cpu())
         return torch.cat(out)
+
+    def macs(self, schedule: SolverSchedule) -> float | None:
+        """Multiply-accumulates per sample: Σ over the model evaluations of (full − skipped units), when
+        the model can count them (diffusers UNets; None for the analytic mixture)."""
+        costs = getattr(self.denoiser, "unit_costs", None)
+        return None if costs is None else float(costs().schedule_cost(schedule))
 
     def reference(self) -> ReferenceFeatures:
         """Reference statistics in the metric's feature space (cached on disk)."""

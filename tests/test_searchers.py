@@ -13,6 +13,7 @@ from solversearch.search.space import load_space
 
 NOISE = DiscreteVP.from_diffusers_config({})
 USF = load_space("search_spaces/usf.yaml")
+GENERIC = [a for a in ALGORITHMS if a not in ("nsga2", "autodiffusion")]  # nsga2 and autodiffusion: own tests
 # A 5-step λ grid no preset grid matches: dense at high noise, sparse at low noise.
 TARGET = NOISE.lambda_(1.0) + (NOISE.lambda_(1e-3) - NOISE.lambda_(1.0)) * np.linspace(0, 1, 6) ** 1.7
 
@@ -34,7 +35,7 @@ def searcher(algorithm, **kwargs):
     return make_searcher(algorithm, USF, 5, NOISE, settings=settings, seed=3, **kwargs)
 
 
-@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+@pytest.mark.parametrize("algorithm", GENERIC)
 def test_searchers_never_propose_a_schedule_twice(algorithm):
     s = searcher(algorithm)
     keys = []
@@ -52,7 +53,7 @@ def test_stage_zero_evaluates_the_presets_first(algorithm):
     assert {n.split("/")[0] for n in names} >= {"ddim", "dpmpp_2m"}
 
 
-@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+@pytest.mark.parametrize("algorithm", GENERIC)
 def test_save_and_restore_mid_search_continues_identically(algorithm, tmp_path):
     original = searcher(algorithm)
     drive(original, synthetic_metric, 18)
@@ -69,7 +70,7 @@ def test_save_and_restore_mid_search_continues_identically(algorithm, tmp_path):
     assert a_keys == b_keys
 
 
-@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "nsga2"])
+@pytest.mark.parametrize("algorithm", GENERIC)
 def test_a_searcher_rebuilt_from_history_never_repeats_an_evaluation(algorithm):
     first = searcher(algorithm)
     drive(first, synthetic_metric, 20)

@@ -68,6 +68,7 @@ class Experiment:
     ray_address: str | None = None
     validation_seed: int = 1
     validation_factor: int = 2
+    compare: tuple[str, ...] = ()  # other studies in the same storage whose best schedules the report re-scores
 
     @property
     def study_name(self) -> str:
@@ -107,7 +108,8 @@ def load_experiment(path: str | Path) -> Experiment:
 def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "experiment") -> Experiment:
     if not isinstance(doc, Mapping):
         raise ExperimentError("an experiment must be a mapping")
-    known = {"name", "model", "metric", "space", "nfe", "algorithm", "budget", "resources", "storage", "ray", "validation", "objectives"}
+    known = {"name", "model", "metric", "space", "nfe", "algorithm", "budget", "resources", "storage", "ray", "validation",
+             "objectives", "compare"}
     _no_unknown(doc, known, "")
     for key in ("model", "space", "nfe"):
         if key not in doc:
@@ -177,7 +179,16 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         ray_address=ray_doc.get("address"),
         validation_seed=int(validation_doc.get("seed", 1)),
         validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
+        compare=_names(doc.get("compare", ()), "compare"),
     )
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ExperimentError(f"{key}: must be a list of study names")
+    return tuple(value)
 
 
 def _nfe(value: Any) -> int | tuple[int, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -31,9 +32,13 @@ assert LAMBDA_MARGIN > MIN_LAMBDA_GAP
 class Operators:
     """Random / mutate / crossover / repair for one space, NFE budget and noise schedule."""
 
-    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule):
+    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, units: Sequence[str] = ()):
         self.space, self.nfe, self.noise = space, nfe, noise
         self.lambda_max = float(noise.lambda_(space.timesteps.t_min))
+        # Prunable network units a step may skip (empty: the space skips nothing).
+        allowed = space.skip.units if space.skip and space.skip.units else tuple(units)
+        self.units: tuple[str, ...] = tuple(allowed) if space.skip else ()
+        self.max_skipped = int(space.skip.max_ratio * len(units)) if space.skip else 0
 
     # --- construction -------------------------------------------------------------------------
 
@@ -52,6 +57,8 @@ class Operators:
         lams = lam0 + np.concatenate([[0.0], fractions]) * (lam_end - lam0)
         times = self._times_from_lambdas(lams, t_start, t_end)
         steps = [self._random_step(rng, i, n) for i in range(n)]
+        if self.max_skipped:
+            steps = [replace(s, skip=self._random_skip(rng)) for s in steps]
         return self.repair(times, steps, first)
 
     def from_grid(self, grid: str, rng: np.random.Generator | None = None, first_step: str = "model") -> SolverSchedule:
@@ -77,12 +84,17 @@ class Operators:
                 moves.append("first_step")
             if not self.space.fixed_solver:
                 moves += ["decision"] * 4
+            if self.max_skipped:
+                moves += ["skip"] * 2
             move = _pick(rng, moves)
             if move in ("shift", "reset"):
                 times = self._move_time(times, rng, local=move == "shift")
             elif move == "ends":
                 ts = self.space.timesteps
                 times = self.relay_times(times, len(steps), _pick(rng, ts.t_start), _pick(rng, ts.t_end))
+            elif move == "skip":
+                i = int(rng.integers(len(steps)))
+                steps[i] = replace(steps[i], skip=self._toggle_unit(steps[i].skip, rng))
             elif move == "first_step":
                 first = "analytic" if first == "model" else "model"
                 n = self.n_steps(first)
@@ -126,9 +138,14 @@ class Operators:
         """The nearest valid schedule in the space (decisions that cannot matter are normalised)."""
         n = len(steps)
         times = self._separate(list(times))
+        skips = [self._repair_skip(step.skip) for step in steps]
         if self.space.fixed_solver:
-            return replace(PRESETS[self.space.solver].build(times), first_step=first_step)
-        repaired = [self._repair_step(step, i, n, to_zero=i == n - 1 and times[-1] == 0.0) for i, step in enumerate(steps)]
+            preset = PRESETS[self.space.solver].build(times)
+            return replace(preset, first_step=first_step, steps=tuple(replace(s, skip=k) for s, k in zip(preset.steps, skips)))
+        repaired = [
+            replace(self._repair_step(step, i, n, to_zero=i == n - 1 and times[-1] == 0.0), skip=skips[i])
+            for i, step in enumerate(steps)
+        ]
         return SolverSchedule(timesteps=tuple(times), steps=tuple(repaired), first_step=first_step)
 
     def key(self, schedule: SolverSchedule) -> str:
@@ -237,6 +254,29 @@ class Operators:
                 coefficient = float(rng.uniform(*space.linear_range))
             return replace(step, scaling=scaling, linear_coefficient=coefficient if scaling == "linear" else 0.0)
         return replace(step, corrector=_pick(rng, space.correctors) if i < n - 1 else "none")
+
+    def _random_skip(self, rng: np.random.Generator) -> tuple[str, ...]:
+        """Half the steps skip nothing; the others a random subset up to the allowed ratio."""
+        if rng.random() < 0.5:
+            return ()
+        count = int(rng.integers(1, self.max_skipped + 1))
+        return tuple(sorted(rng.choice(self.units, size=count, replace=False).tolist(), key=self.units.index))
+
+    def _toggle_unit(self, skip: tuple[str, ...], rng: np.random.Generator) -> tuple[str, ...]:
+        """Add or remove one unit (a real change, unlike AutoDiffusion's no-op for non-empty sets)."""
+        unit = str(rng.choice(self.units))
+        if unit in skip:
+            return tuple(u for u in skip if u != unit)
+        if len(skip) >= self.max_skipped:
+            skip = tuple(u for u in skip if u != skip[int(rng.integers(len(skip)))])  # swap one out
+        return tuple(sorted(set(skip) | {unit}, key=self.units.index))
+
+    def _repair_skip(self, skip: tuple[str, ...]) -> tuple[str, ...]:
+        """Only known units, in network order, at most the allowed ratio."""
+        if not self.max_skipped:
+            return ()
+        known = [u for u in self.units if u in set(skip)]
+        return tuple(known[: self.max_skipped])
 
     def _repair_step(self, step: Step, i: int, n: int, to_zero: bool) -> Step:
         space = self.space

@@ -32,13 +32,22 @@ from .trainable import EvaluationContext, evaluate_trial
 
 
 @dataclass(frozen=True)
+class ReportRow:
+    """One schedule of the final comparison, with its stored and (optionally) re-scored results."""
+
+    label: str
+    stored: StoredEvaluation
+    validated: EvaluationResult | None
+
+
+@dataclass(frozen=True)
 class SearchOutcome:
     study: str
     evaluations: int
     new_evaluations: int
     best: StoredEvaluation | None
     best_baseline: StoredEvaluation | None
-    validation: dict[str, EvaluationResult]
+    report: tuple[ReportRow, ...]
     exported: Path | None
     seconds: float
 
@@ -98,6 +107,7 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
     if not isinstance(nfe, int) and experiment.algorithm != "nsga2":
         raise SolversearchError(f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]")
     values = {e.key: list(e.values) for e in history} if len(objectives(experiment)) > 1 else None
+    units, costs = pruning_context(experiment, model)
     return make_searcher(
         experiment.algorithm,
         experiment.space,
@@ -108,7 +118,19 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
         metric=metric,
         history=observations_from(history, experiment.metric.name),
         history_values=values,
+        units=units,
+        costs=costs,
     )
+
+
+def pruning_context(experiment: Experiment, model: ModelHandle):
+    """The model's prunable units and their MACs, when the experiment searches skipped blocks."""
+    if experiment.space.skip is None and experiment.algorithm != "autodiffusion":
+        return (), None
+    units = tuple(getattr(model.denoiser, "units", ()))
+    if not units:
+        raise SolversearchError(f"{experiment.model} has no prunable network blocks; the space {experiment.space.name!r} needs them")
+    return units, model.denoiser.unit_costs()
 
 
 class StudyRecorder:
@@ -172,26 +194,48 @@ def run_search(
     history = store.history()
     best = _best(history, searched=True)
     baseline = _best(history, searched=False)
-    validation: dict[str, EvaluationResult] = {}
+    rows = [("searched", best), *_compared(experiment, baseline)]
+    report = validate_rows(experiment, model, [(label, e) for label, e in rows if e is not None], validate)
+    if validate and report:
+        store.set_attr("validation", {r.label: r.validated.to_dict() for r in report if r.validated is not None})
     exported = None
-    if validate and best is not None:
-        validation = validate_best(experiment, model, best, baseline)
-        store.set_attr("validation", {k: v.to_dict() for k, v in validation.items()})
     if best is not None:
+        validated = report[0].validated if report and report[0].label == "searched" else None
         winner = best.schedule.with_metadata(
-            metrics={**best.metrics, **{f"validation_{k}": v for k, v in (validation["searched"].metrics().items() if "searched" in validation else [])}},
+            metrics={**best.metrics, **({f"validation_{k}": v for k, v in validated.metrics().items()} if validated else {})},
             model_fingerprint=model.fingerprint,
             provenance={"study": experiment.study_name, "trial": best.number, "algorithm": best.algorithm,
                         "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
                         "model": experiment.model, "prediction_type": model.denoiser.prediction_type},
         )
         exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
-    return SearchOutcome(experiment.study_name, len(history), new, best, baseline, validation, exported, time.perf_counter() - started)
+    return SearchOutcome(experiment.study_name, len(history), new, best, dict(rows).get("best baseline"), tuple(report),
+                         exported, time.perf_counter() - started)
 
 
-def validate_best(experiment: Experiment, model: ModelHandle, best: StoredEvaluation,
-                  baseline: StoredEvaluation | None) -> dict[str, EvaluationResult]:
-    """Re-evaluate on fresh noise (another seed) with `validation_factor`× the samples."""
+def _compared(experiment: Experiment, baseline: StoredEvaluation | None) -> list[tuple[str, StoredEvaluation | None]]:
+    """The best schedules of the studies the experiment compares with, and the best baseline of all."""
+    from .storage import open_existing
+
+    rows: list[tuple[str, StoredEvaluation | None]] = []
+    baselines = [baseline]
+    for name in experiment.compare:
+        try:
+            other = open_existing(storage_url(experiment.storage_url), name).history()
+        except SolversearchError:
+            continue  # not run yet: nothing to compare with
+        rows.append((f"best of {name}", _best(other, searched=True)))
+        baselines.append(_best(other, searched=False))
+    best_baseline = min((b for b in baselines if b is not None), key=lambda e: e.values[0], default=None)
+    rows.append(("best baseline", best_baseline))
+    return rows
+
+
+def validate_rows(experiment: Experiment, model: ModelHandle, rows: list[tuple[str, StoredEvaluation]],
+                  validate: bool) -> list[ReportRow]:
+    """Re-score every row on fresh noise (another seed) with `validation_factor`× the samples."""
+    if not validate:
+        return [ReportRow(label, stored, None) for label, stored in rows]
     settings = replace(
         evaluation_settings(experiment),
         seed=experiment.validation_seed,
@@ -199,10 +243,7 @@ def validate_best(experiment: Experiment, model: ModelHandle, best: StoredEvalua
         error_to_reference=False,
     )
     evaluator = Evaluator(model, settings)
-    out = {"searched": evaluator.evaluate(best.schedule)}
-    if baseline is not None:
-        out["baseline"] = evaluator.evaluate(baseline.schedule)
-    return out
+    return [ReportRow(label, stored, evaluator.evaluate(stored.schedule)) for label, stored in rows]
 
 
 def is_baseline(evaluation: StoredEvaluation) -> bool:

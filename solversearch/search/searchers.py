@@ -74,6 +74,7 @@ class ScheduleSearcher(Searcher):
         self.known: set[str] = set()
         self.pending: dict[str, _Proposal] = {}
         self.stage = 0
+        self.n_units: int | None = None  # the model's prunable units, when the space skips blocks
         self.timings: dict[str, float] = {"predictor_seconds": 0.0}
         for observation in history:
             self.observations.append(observation)
@@ -110,6 +111,12 @@ class ScheduleSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
+
+    def use_units(self, units: Sequence[str]) -> None:
+        """The model's prunable units: operators may then skip them (spaces with `skip:`)."""
+        self.ops = Operators(self.ops.space, self.ops.nfe, self.ops.noise, units)
+        self.encoding = ScheduleEncoding(self.ops)
+        self.n_units = len(units)
 
     # --- hooks for subclasses -----------------------------------------------------------------
 
@@ -266,7 +273,6 @@ class S3Searcher(EvolutionSearcher):
         self.pool, self.population, self.predictor_kind, self.explore = pool, population, predictor, explore
         self.stage_queue: list[_Proposal] = []
         self.kendall_taus: dict[int, float] = {}  # stage → held-out τ of the predictor that planned it
-        self.n_units: int | None = None
 
     def _propose(self):
         if self.queue or self.mutants_left > 0:
@@ -489,7 +495,7 @@ def _capped(value: float) -> float:
 
 SEARCHERS: dict[str, type[ScheduleSearcher]] = {"s3": S3Searcher, "evolution": EvolutionSearcher, "random": RandomSearcher}
 OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2")
-ALGORITHMS = tuple(SEARCHERS) + OPTUNA_SAMPLERS
+ALGORITHMS = (*SEARCHERS, "autodiffusion", *OPTUNA_SAMPLERS)
 
 
 def make_searcher(
@@ -503,9 +509,25 @@ def make_searcher(
     metric: str | Sequence[str] = "fid",
     history: Iterable[Observation] = (),
     history_values: Mapping[str, Sequence[float]] | None = None,
+    units: Sequence[str] = (),
+    costs: Any = None,
 ) -> ScheduleSearcher:
-    """The searcher an experiment names, with its settings (unknown settings are user errors)."""
+    """The searcher an experiment names, with its settings (unknown settings are user errors).
+
+    `units` (the model's prunable blocks) and `costs` (their MACs) are needed by spaces that skip blocks."""
     settings = dict(settings or {})
+    if space.skip is not None and not units and costs is None:
+        raise SolversearchError(f"the space {space.name!r} skips network blocks, but the model has no prunable units")
+    if algorithm in OPTUNA_SAMPLERS and space.skip is not None:
+        raise SolversearchError(f"{algorithm} does not search skip sets; use s3, evolution, random or autodiffusion")
+    if algorithm == "autodiffusion":
+        from .autodiffusion import AutoDiffusionSearcher
+
+        try:
+            searcher = AutoDiffusionSearcher(space, nfe, noise, costs=costs, seed=seed, metric=metric, history=history, **settings)
+        except TypeError as exc:
+            raise SolversearchError(f"algorithm 'autodiffusion': bad settings ({exc})") from None
+        return searcher
     if algorithm in OPTUNA_SAMPLERS:
         if settings:
             raise SolversearchError(f"algorithm {algorithm!r} takes no settings, got {sorted(settings)}")
@@ -517,9 +539,12 @@ def make_searcher(
     if not isinstance(metric, str):
         raise SolversearchError(f"algorithm {algorithm!r} optimises one metric; use nsga2 for several")
     try:
-        return SEARCHERS[algorithm](space, nfe, noise, seed=seed, metric=metric, history=history, **settings)
+        searcher = SEARCHERS[algorithm](space, nfe, noise, seed=seed, metric=metric, history=history, **settings)
     except TypeError as exc:
         raise SolversearchError(f"algorithm {algorithm!r}: bad settings ({exc})") from None
+    if units:
+        searcher.use_units(units)
+    return searcher
 
 
 def drive(
