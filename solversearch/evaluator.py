@@ -36,7 +36,7 @@ REFERENCE_SOLVER_STEPS = 200
 class EvaluationSettings:
     n: int = 1000
     seed: int = 0
-    batch_size: int = 500
+    batch_size: int = 500  # 0: the largest batch that fits the device (probed once on CUDA; 500 on the CPU)
     device: str = "cpu"
     mixed_precision: bool = False  # autocast the network on CUDA (the solver combines in float32)
     features: str | None = None  # "identity" | "digits" | "inception"; None = the model's default
@@ -92,6 +92,7 @@ class Evaluator:
             for name, bank in model.conditions.items()
         }
         self._reference: ReferenceFeatures | None = None
+        self._batch_size: int | None = None
         self._solutions: dict[tuple[float, float], torch.Tensor] = {}
 
     # --- public -------------------------------------------------------------------------------
@@ -135,13 +136,42 @@ class Evaluator:
         """All n samples of `schedule` from the evaluator's fixed x_T (float32, on the CPU)."""
         plan = compile_plan(schedule, self.model.noise_schedule)
         out = []
-        for start in range(0, self.settings.n, self.settings.batch_size):
-            stop = min(start + self.settings.batch_size, self.settings.n)
+        batch_size = self.batch_size
+        for start in range(0, self.settings.n, batch_size):
+            stop = min(start + batch_size, self.settings.n)
             x_T = self.x_T[start:stop].to(self.device)
             with self._autocast():
                 x = execute(plan, self._denoiser_for(start, stop), x_T).sample
             out.append(x.float().cpu())
         return torch.cat(out)
+
+    @property
+    def batch_size(self) -> int:
+        if self._batch_size is None:
+            self._batch_size = self.settings.batch_size or self._largest_batch()
+        return self._batch_size
+
+    def _largest_batch(self) -> int:
+        """Double the batch until a model call runs out of GPU memory (or reaches n); keep half of that
+        as headroom for the solver's stored model values."""
+        if self.device.type != "cuda":
+            return min(self.settings.n, 500)
+        batch, fits = 64, 0
+        t = torch.full((1,), 0.5, device=self.device)
+        while batch <= 2 * self.settings.n:
+            try:
+                with torch.no_grad(), self._autocast():
+                    x = torch.randn((batch, *self.model.sample_shape), device=self.device)
+                    self.denoiser(x, t.expand(batch))
+                fits = batch
+                batch *= 2
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        if fits == 0:
+            raise SolversearchError(f"even a batch of 64 samples does not fit on {self.device}; lower the model size or use the CPU")
+        return max(1, min(self.settings.n, fits // 2))
 
     def macs(self, schedule: SolverSchedule) -> float | None:
         """Multiply-accumulates per sample: Σ over the model evaluations of (full − skipped units), when
@@ -207,8 +237,8 @@ class Evaluator:
 
     def _batched_features(self, images: torch.Tensor) -> np.ndarray:
         chunks = [
-            self.features(images[i : i + self.settings.batch_size].to(self.device).clamp(-1, 1)).cpu().numpy()
-            for i in range(0, images.shape[0], self.settings.batch_size)
+            self.features(images[i : i + self.batch_size].to(self.device).clamp(-1, 1)).cpu().numpy()
+            for i in range(0, images.shape[0], self.batch_size)
         ]
         return np.concatenate(chunks)
 

@@ -119,11 +119,14 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
 
     metric_doc = _mapping(doc.get("metric", {}), "metric")
     _no_unknown(metric_doc, {f.name for f in fields(MetricConfig)}, "metric.")
+    if metric_doc.get("batch_size") == "auto":  # the largest batch that fits the worker's device
+        metric_doc = {**metric_doc, "batch_size": 0}
     metric = MetricConfig(**metric_doc)
     if metric.name not in METRICS:
         raise ExperimentError(f"metric.name: unknown metric {metric.name!r}; expected one of {list(METRICS)}")
     _positive_int(metric.n, "metric.n")
-    _positive_int(metric.batch_size, "metric.batch_size")
+    if metric.batch_size != 0:
+        _positive_int(metric.batch_size, "metric.batch_size")
     if metric.name == "error_to_reference" and not metric.error_to_reference:
         metric = replace(metric, error_to_reference=True)
     if metric.inception_path:

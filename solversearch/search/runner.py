@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from ..errors import SolversearchError
 from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
 from ..models.spec import ModelHandle, load_model
@@ -159,6 +161,7 @@ class StudyRecorder:
         self.store.record(
             schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
             stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
+            worker={k: result[k] for k in ("node", "pid", "built_evaluator") if k in result},
         )
         self.recorded += 1
         if math.isfinite(values[0]):
@@ -266,28 +269,20 @@ def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSear
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    started_here = not ray.is_initialized()
     _init_ray(address)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our display is the progress
-    resources = {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu, **dict(experiment.resources.custom)}
-    context = EvaluationContext(
-        model=experiment.model,
-        settings=evaluation_settings(experiment),
-        threads=max(1, int(experiment.resources.cpu)),
-    )
-    trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context), resources)
-
-    class _Record(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.last_result and "fid" in trial.last_result:
-                recorder.record(trial.config, trial.last_result)
-
-        def __reduce__(self):
-            # Tune pickles its callbacks for its own restore files; a search resumes from the study
-            # instead, so the copy needs no recorder (which holds a database connection).
-            return (_NoOpCallback, ())
-
     results_dir = tempfile.mkdtemp(prefix="solversearch-tune-")
     try:
+        if address is not None:
+            check_cluster_storage(storage_url(experiment.storage_url))
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our display is the progress
+        resources = {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu, **dict(experiment.resources.custom)}
+        context = EvaluationContext(
+            model=experiment.model,
+            settings=evaluation_settings(experiment),
+            threads=max(1, int(experiment.resources.cpu)),
+        )
+        trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context), resources)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -299,7 +294,8 @@ def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSear
             run_config=tune.RunConfig(
                 name=experiment.study_name,
                 storage_path=results_dir,
-                callbacks=[_Record()],
+                callbacks=[_Record(recorder)],
+                # A trial whose worker dies is retried; nothing reaches the study until a trial finishes.
                 failure_config=tune.FailureConfig(max_failures=2),
                 verbose=0,
             ),
@@ -307,21 +303,24 @@ def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSear
         tuner.fit()
     finally:
         shutil.rmtree(results_dir, ignore_errors=True)
-        if address is None:
+        if started_here:
             ray.shutdown()
 
 
-def _no_op_callback_class():
-    from ray import tune
+class _Record(Callback):
+    """Tune callback: each finished trial goes to the study, from the driver, as it finishes."""
 
-    class NoOp(tune.Callback):
-        pass
+    def __init__(self, recorder: StudyRecorder | None):
+        self.recorder = recorder
 
-    return NoOp
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.recorder is not None and trial.last_result and "fid" in trial.last_result:
+            self.recorder.record(trial.config, trial.last_result)
 
-
-def _NoOpCallback():  # noqa: N802 - a factory used by pickle
-    return _no_op_callback_class()()
+    def __reduce__(self):
+        # Tune pickles its callbacks for its own restore files; a search resumes from the study instead,
+        # so the pickled copy carries no recorder (which holds a database connection).
+        return (_Record, (None,))
 
 
 def _init_ray(address: str | None) -> None:
@@ -336,9 +335,29 @@ def _init_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SolversearchError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SolversearchError(
+                f"cannot connect to the Ray cluster at {address!r}: {first} "
+                "(is `ray start --head` running there, and is this machine a Ray node — `ray start --address=...`? "
+                "for a cluster with token authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
+            ) from None
+
+
+def check_cluster_storage(url: str) -> None:
+    """On a cluster of several nodes the study must live in a database every node reaches: the search
+    may be driven, resumed or inspected from any of them. SQLite is a file on one machine."""
+    import ray
+
+    from sqlalchemy.engine import make_url
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and make_url(url).get_backend_name() == "sqlite":
+        raise SolversearchError(
+            f"the Ray cluster has {len(nodes)} nodes but the storage is SQLite ({redact_url(url)}); use a shared "
+            "database, e.g. --storage postgresql+psycopg2://user@db-host:5432/solversearch (password in PGPASSWORD)"
+        )
 
 
 def _number(value: Any) -> bool:

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class StoredEvaluation:
     cost: dict[str, float]  # nfe, seconds, sampling_seconds, metric_seconds (and macs if known)
     n: int
     seed: int
+    worker: dict[str, Any] = field(default_factory=dict)  # where it ran: node id, pid
 
 
 class StudyStore:
@@ -128,8 +129,10 @@ class StudyStore:
         cost: Mapping[str, float],
         n: int,
         seed: int,
+        worker: Mapping[str, Any] | None = None,
     ) -> int:
-        """Store one evaluated schedule as a COMPLETE trial; returns its trial number.
+        """Store one evaluated schedule as a COMPLETE trial; returns its trial number. `worker` (node,
+        pid) says where it was evaluated.
 
         The trial is written from a template in one transaction (what `Study.add_trial` does; called on
         the storage here because add_trial does not return the trial), so no reader ever sees it RUNNING
@@ -153,6 +156,8 @@ class StudyStore:
             "n": int(n),
             "seed": int(seed),
         }
+        if worker:
+            user_attrs["worker"] = _json_plain(dict(worker), "the worker description")
         trial = optuna.trial.create_trial(
             state=TrialState.COMPLETE,
             values=values,
@@ -403,6 +408,7 @@ def _evaluation(trial: FrozenTrial) -> StoredEvaluation | None:
         cost={k: _decode_float(v) for k, v in attrs.get("cost", {}).items()},
         n=int(attrs.get("n", 0)),
         seed=int(attrs.get("seed", 0)),
+        worker=dict(attrs.get("worker", {})),
     )
 
 

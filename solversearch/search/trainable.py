@@ -51,6 +51,7 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[s
     from ray import tune
 
     schedule = SolverSchedule.from_dict(config["schedule"])
+    built = context not in _EVALUATORS
     result = evaluator_for(context).evaluate(schedule)
     report = {
         "fid": result.fid,
@@ -67,11 +68,21 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[s
         "n": result.n,
         "seed": result.seed,
         "key": config["key"],
-        "node": os.uname().nodename,
+        "node": _node_id(),
         "pid": os.getpid(),
+        "built_evaluator": built,  # True only for a worker's first trial: model and statistics load once
     }
     tune.report(report)
     return report
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
+    except Exception:  # noqa: BLE001 - outside Ray: the host name
+        return os.uname().nodename
 
 
 def _assigned_gpus() -> list:
