@@ -18,7 +18,6 @@ import torch
 from . import presets
 from .errors import SolversearchError
 from .evaluator import Evaluator
-from .grids import GRIDS
 from .noise import DiscreteVP, NoiseSchedule
 
 DEFAULT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_heun", "dpmpp_3m", "unipc_2_bh1", "unipc_2_bh2", "unipc_3_bh2", "deis_3")

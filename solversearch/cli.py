@@ -267,6 +267,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if experiment.algorithm not in ALGORITHMS:
         raise SolversearchError(f"unknown algorithm {experiment.algorithm!r}; expected one of {list(ALGORITHMS)}")
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)  # logs and pipes: keep the result table readable
     budget = experiment.budget.evaluations
     status = {"recorded": 0, "best": float("inf"), "stage": 0, "tau": {}}
 
@@ -297,16 +299,24 @@ def _print_outcome(console, experiment, outcome) -> None:
 
     metric = experiment.metric.name
     n_check = experiment.metric.n * experiment.validation_factor
-    table = Table("", "schedule", "NFE", f"{metric}\n(search, n={experiment.metric.n})",
-                  f"{metric}\n(seed {experiment.validation_seed}, n={n_check})", "GMACs\n/sample", "ms\n/sample",
-                  title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)")
+    from .search.report import SELECTION_SEED_OFFSET
+
+    select_seed = experiment.metric.seed + SELECTION_SEED_OFFSET
+    table = Table("", "schedule", "NFE", f"{metric}\nsearch", f"{metric}\nselection", f"{metric}\nvalidation",
+                  "GMACs\n/sample", "ms\n/sample",
+                  title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)",
+                  caption=f"search: seed {experiment.metric.seed}, n={experiment.metric.n} · selection: best of the top "
+                          f"{experiment.validation_top} on seed {select_seed}, n={n_check} · validation: seed "
+                          f"{experiment.validation_seed}, n={n_check}")
+
+    def value(result):
+        return "–" if result is None else f"{result.metrics().get(metric, float('nan')):.4f}"
+
     for row in outcome.report:
-        validated = row.validated
-        check = "–" if validated is None else f"{validated.metrics().get(metric, float('nan')):.4f}"
-        ms = "–" if validated is None else f"{1000.0 / validated.samples_per_second:.2f}"
+        ms = "–" if row.validated is None else f"{1000.0 / row.validated.samples_per_second:.2f}"
         macs = row.stored.cost.get("macs")
         table.add_row(row.label, row.stored.schedule.name, str(row.stored.schedule.nfe),
-                      f"{row.stored.metrics.get(metric, float('nan')):.4f}", check,
+                      f"{row.stored.metrics.get(metric, float('nan')):.4f}", value(row.selection), value(row.validated),
                       "–" if macs is None else f"{macs / 1e9:.3f}", ms)
     console.print(table)
     if outcome.best is not None:
@@ -336,7 +346,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .search.runner import is_baseline
+    from .search.report import ranked
     from .search.storage import open_existing, storage_url
 
     console = Console()
@@ -344,8 +354,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     history = store.history()
     description = store.description
     metric = description.get("metric", {}).get("name", "fid")
-    searched = sorted((e for e in history if not is_baseline(e) and not e.diverged), key=lambda e: e.values[0])
-    baselines = sorted((e for e in history if is_baseline(e) and not e.diverged), key=lambda e: e.values[0])
+    searched, baselines = ranked(history, baselines=False), ranked(history, baselines=True)
     for title, rows in ((f"top {args.top} searched schedules", searched), (f"top {args.top} baselines", baselines)):
         table = Table("trial", "schedule", metric, "stage", "algorithm", title=title)
         for e in rows[: args.top]:

@@ -22,7 +22,6 @@ from .errors import ScheduleError
 from .noise import NoiseSchedule
 from .schedule import SolverSchedule, Step
 
-
 MIN_LAMBDA_GAP = 1e-6
 
 
@@ -150,7 +149,6 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
             f"timesteps[{i + 1}]: too close to timesteps[{i}] (log-SNR gap {gaps[i]:.2g}, need > {MIN_LAMBDA_GAP:g}); "
             "derivative estimates through nearly equal points are meaningless"
         )
-    n = schedule.n_steps
     predict_updates: list[LinearUpdate] = []
     corrections: list[LinearUpdate | None] = []
     for i, step in enumerate(schedule.steps):

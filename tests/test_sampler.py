@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 
 from solversearch import DiscreteVP, LinearVP, SolverSchedule, Step, presets, solve
-from solversearch.grids import GRIDS, make_grid
+from solversearch.grids import GRIDS
 from solversearch.models import alpha_sigma
 from solversearch.plan import compile_plan, phi
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import pickle
 import json
 import math
+import pickle
 
 import jsonschema
 import pytest

@@ -28,7 +28,7 @@ def assert_in_space(schedule, space, nfe, noise=NOISE):
     assert min(t for t in ts if t > 0) >= space.timesteps.t_min * (1 - 1e-9)
     if space.fixed_solver:
         return
-    for i, step in enumerate(schedule.steps):
+    for step in schedule.steps:
         assert step.prediction in space.predictions
         assert step.order in space.orders or step.order == 1
         assert step.scaling in space.scalings or step.scaling == "none"

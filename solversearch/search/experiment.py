@@ -68,6 +68,7 @@ class Experiment:
     ray_address: str | None = None
     validation_seed: int = 1
     validation_factor: int = 2
+    validation_top: int = 8  # candidates re-scored on a fresh selection seed before the winner is chosen
     compare: tuple[str, ...] = ()  # other studies in the same storage whose best schedules the report re-scores
 
     @property
@@ -154,7 +155,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     ray_doc = _mapping(doc.get("ray", {}) or {}, "ray")
     _no_unknown(ray_doc, {"address"}, "ray.")
     validation_doc = _mapping(doc.get("validation", {}), "validation")
-    _no_unknown(validation_doc, {"seed", "n_factor"}, "validation.")
+    _no_unknown(validation_doc, {"seed", "n_factor", "select_top"}, "validation.")
 
     from .searchers import ALGORITHMS
 
@@ -182,6 +183,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         ray_address=ray_doc.get("address"),
         validation_seed=int(validation_doc.get("seed", 1)),
         validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
+        validation_top=_positive_int(validation_doc.get("select_top", 8), "validation.select_top"),
         compare=_names(doc.get("compare", ()), "compare"),
     )
 

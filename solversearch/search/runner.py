@@ -22,24 +22,16 @@ from typing import Any
 from ray.tune import Callback
 
 from ..errors import SolversearchError
-from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
+from ..evaluator import EvaluationSettings
 from ..models.spec import ModelHandle, load_model
 from ..schedule import SolverSchedule
 from .encoding import ScheduleEncoding
 from .experiment import Experiment
 from .operators import Operators
 from .searchers import Observation, ScheduleSearcher, make_searcher
+from .report import ReportRow, final_report
 from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
 from .trainable import EvaluationContext, evaluate_trial
-
-
-@dataclass(frozen=True)
-class ReportRow:
-    """One schedule of the final comparison, with its stored and (optionally) re-scored results."""
-
-    label: str
-    stored: StoredEvaluation
-    validated: EvaluationResult | None
 
 
 @dataclass(frozen=True)
@@ -195,72 +187,26 @@ def run_search(
         new = recorder.recorded
     store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
     history = store.history()
-    best = _best(history, searched=True)
-    baseline = _best(history, searched=False)
-    rows = [("searched", best), *_compared(experiment, baseline)]
-    report = validate_rows(experiment, model, [(label, e) for label, e in rows if e is not None], validate)
+    report = final_report(experiment, model, history, validate)
     if validate and report:
-        store.set_attr("validation", {r.label: r.validated.to_dict() for r in report if r.validated is not None})
+        store.set_attr("validation", {r.label: {"selection": r.selection.to_dict(), "validation": r.validated.to_dict(),
+                                                "trial": r.stored.number} for r in report})
+    rows = {r.label: r for r in report}
     exported = None
+    best = rows.get("searched")
     if best is not None:
-        validated = report[0].validated if report and report[0].label == "searched" else None
-        winner = best.schedule.with_metadata(
-            metrics={**best.metrics, **({f"validation_{k}": v for k, v in validated.metrics().items()} if validated else {})},
+        validated = best.validated
+        winner = best.stored.schedule.with_metadata(
+            metrics={**best.stored.metrics, **({f"validation_{k}": v for k, v in validated.metrics().items()} if validated else {})},
             model_fingerprint=model.fingerprint,
-            provenance={"study": experiment.study_name, "trial": best.number, "algorithm": best.algorithm,
+            provenance={"study": experiment.study_name, "trial": best.stored.number, "algorithm": best.stored.algorithm,
                         "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
                         "model": experiment.model, "prediction_type": model.denoiser.prediction_type},
         )
         exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
-    return SearchOutcome(experiment.study_name, len(history), new, best, dict(rows).get("best baseline"), tuple(report),
-                         exported, time.perf_counter() - started)
-
-
-def _compared(experiment: Experiment, baseline: StoredEvaluation | None) -> list[tuple[str, StoredEvaluation | None]]:
-    """The best schedules of the studies the experiment compares with, and the best baseline of all."""
-    from .storage import open_existing
-
-    rows: list[tuple[str, StoredEvaluation | None]] = []
-    baselines = [baseline]
-    for name in experiment.compare:
-        try:
-            other = open_existing(storage_url(experiment.storage_url), name).history()
-        except SolversearchError:
-            continue  # not run yet: nothing to compare with
-        rows.append((f"best of {name}", _best(other, searched=True)))
-        baselines.append(_best(other, searched=False))
-    best_baseline = min((b for b in baselines if b is not None), key=lambda e: e.values[0], default=None)
-    rows.append(("best baseline", best_baseline))
-    return rows
-
-
-def validate_rows(experiment: Experiment, model: ModelHandle, rows: list[tuple[str, StoredEvaluation]],
-                  validate: bool) -> list[ReportRow]:
-    """Re-score every row on fresh noise (another seed) with `validation_factor`× the samples."""
-    if not validate:
-        return [ReportRow(label, stored, None) for label, stored in rows]
-    settings = replace(
-        evaluation_settings(experiment),
-        seed=experiment.validation_seed,
-        n=experiment.metric.n * experiment.validation_factor,
-        error_to_reference=False,
-    )
-    evaluator = Evaluator(model, settings)
-    return [ReportRow(label, stored, evaluator.evaluate(stored.schedule)) for label, stored in rows]
-
-
-def is_baseline(evaluation: StoredEvaluation) -> bool:
-    """Stage-0 presets are the baselines (their names are "<preset>/<grid>/nfe<N>")."""
-    from ..presets import PRESETS
-
-    return evaluation.stage == 0 and evaluation.schedule.name.split("/")[0] in PRESETS
-
-
-def _best(history: list[StoredEvaluation], searched: bool) -> StoredEvaluation | None:
-    pool = [e for e in history if not e.diverged and math.isfinite(e.values[0]) and is_baseline(e) != searched]
-    if searched and not pool:
-        pool = [e for e in history if not e.diverged and math.isfinite(e.values[0])]
-    return min(pool, key=lambda e: e.values[0], default=None)
+    baseline = rows.get("best baseline")
+    return SearchOutcome(experiment.study_name, len(history), new, best.stored if best else None,
+                         baseline.stored if baseline else None, tuple(report), exported, time.perf_counter() - started)
 
 
 def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSearcher, recorder: StudyRecorder,
@@ -349,7 +295,6 @@ def check_cluster_storage(url: str) -> None:
     """On a cluster of several nodes the study must live in a database every node reaches: the search
     may be driven, resumed or inspected from any of them. SQLite is a file on one machine."""
     import ray
-
     from sqlalchemy.engine import make_url
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]

@@ -14,7 +14,7 @@ import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -318,8 +318,8 @@ class S3Searcher(EvolutionSearcher):
         # A few plain mutations of the true best keep the search honest where the predictor is wrong.
         parents = self.best_observations(max(3, self.k))
         while len(chosen) < self.k and parents:
-            parent = parents[int(self.rng.integers(len(parents)))]
-            proposal = self._unique_variant(lambda: self.ops.mutate(self._into_space(parent.schedule), self.rng), self.stage)
+            parent = parents[int(self.rng.integers(len(parents)))].schedule
+            proposal = self._unique_variant(lambda parent=parent: self.ops.mutate(self._into_space(parent), self.rng), self.stage)
             if proposal is None:
                 break
             if proposal.key not in {p.key for p in chosen}:

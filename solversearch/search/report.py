@@ -1,0 +1,81 @@
+"""The end of a search: pick the winners on fresh noise and re-score them on other fresh noise.
+
+Every candidate of a search was scored on the same noise (seed s), so the minimum over many
+candidates partly fits that noise. The `select_top` best searched schedules, and likewise the best
+baselines, are therefore re-scored on a selection seed; the best there wins; the winners are then
+reported on a third, validation seed. Both use `validation_factor`× the samples of the search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import SolversearchError
+from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
+from ..models.spec import ModelHandle
+from .experiment import Experiment
+from .storage import StoredEvaluation, open_existing, storage_url
+
+SELECTION_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One schedule of the final comparison: as stored, on the selection seed, on the validation seed."""
+
+    label: str
+    stored: StoredEvaluation
+    selection: EvaluationResult | None
+    validated: EvaluationResult | None
+
+
+def is_baseline(evaluation: StoredEvaluation) -> bool:
+    """Stage-0 presets are the baselines (their names are "<preset>/<grid>/nfe<N>")."""
+    from ..presets import PRESETS
+
+    return evaluation.stage == 0 and evaluation.schedule.name.split("/")[0] in PRESETS
+
+
+def ranked(history: list[StoredEvaluation], baselines: bool) -> list[StoredEvaluation]:
+    """Finished, non-diverged evaluations of one kind, best stored value first."""
+    pool = [e for e in history if not e.diverged and math.isfinite(e.values[0]) and is_baseline(e) == baselines]
+    return sorted(pool, key=lambda e: e.values[0])
+
+
+def final_report(experiment: Experiment, model: ModelHandle, history: list[StoredEvaluation], validate: bool) -> list[ReportRow]:
+    """Rows: this search's winner, each compared study's winner, and the best baseline of them all."""
+    pools: list[tuple[str, list[StoredEvaluation]]] = [("searched", ranked(history, baselines=False))]
+    baselines = ranked(history, baselines=True)
+    for name in experiment.compare:
+        try:
+            other = open_existing(storage_url(experiment.storage_url), name).history()
+        except SolversearchError:
+            continue  # not run yet: nothing to compare with
+        pools.append((f"best of {name}", ranked(other, baselines=False)))
+        baselines += ranked(other, baselines=True)
+    pools.append(("best baseline", sorted(baselines, key=lambda e: e.values[0])))
+    pools = [(label, pool) for label, pool in pools if pool]
+    if not validate:
+        return [ReportRow(label, pool[0], None, None) for label, pool in pools]
+
+    select = Evaluator(model, _settings(experiment, experiment.metric.seed + SELECTION_SEED_OFFSET))
+    check = Evaluator(model, _settings(experiment, experiment.validation_seed))
+    metric = experiment.metric.name
+    rows = []
+    for label, pool in pools:
+        scored = [(select.evaluate(e.schedule), e) for e in pool[: experiment.validation_top]]
+        selection, winner = min(scored, key=lambda pair: pair[0].metrics().get(metric, math.inf))
+        rows.append(ReportRow(label, winner, selection, check.evaluate(winner.schedule)))
+    return rows
+
+
+def _settings(experiment: Experiment, seed: int) -> EvaluationSettings:
+    from .runner import evaluation_settings
+
+    return replace(
+        evaluation_settings(experiment),
+        seed=seed,
+        n=experiment.metric.n * experiment.validation_factor,
+        error_to_reference=False,
+    )
