@@ -4,10 +4,12 @@ storage, and a trial worker killed mid-evaluation. Slow: each test starts its ow
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -57,18 +59,21 @@ def postgres_study():
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster():
     port = free_port()
-    head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", '--resources={"head_node": 1}',
-            f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=false", "--disable-usage-stats"]
-    worker = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"second_node": 1}',
-              "--disable-usage-stats"]
+    # A short temp dir: Ray's Unix socket paths must fit in 107 characters (pytest's tmp_path does not).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            '--resources={"head_node": 1}', f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
+    worker = ["ray", "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+              '--resources={"second_node": 1}', "--disable-usage-stats"]
     try:
         subprocess.run(head, env=ENV, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=ENV, check=True, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_search_on_a_two_node_cluster_stores_every_trial_in_postgresql(tmp_path, two_node_cluster, postgres_study):

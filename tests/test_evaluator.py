@@ -90,7 +90,7 @@ def test_bundled_model_ddim_50_is_within_noise_of_the_floor(bundled, cache):
     seed-to-seed noise of the floor; DDIM at NFE 5 does not."""
     floors, ddim50, ddim5 = [], [], []
     for seed in range(3):
-        evaluator = Evaluator(bundled, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), cache)
+        evaluator = Evaluator(bundled, EvaluationSettings(n=500, seed=seed, error_to_reference=False), cache)
         floors.append(evaluator.floor().fid)
         ddim50.append(evaluator.evaluate(presets.build("ddim", bundled.noise_schedule, 50, "logsnr")).fid)
         ddim5.append(evaluator.evaluate(presets.build("ddim", bundled.noise_schedule, 5, "logsnr")).fid)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler
 
 from solversearch import DiscreteVP, SearchedScheduler, SolverSchedule, Step, presets, solve
 from solversearch.errors import ScheduleError, SolversearchError
@@ -18,7 +18,7 @@ from solversearch.inference import check_compatibility
 from solversearch.models import UNetDenoiser
 from solversearch.models.spec import load_model
 
-from .conftest import make_tiny_unet
+from .conftest import make_tiny_conditional_unet, make_tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = DiscreteVP.from_diffusers_config({})
@@ -82,12 +82,7 @@ def test_ddpm_pipeline_refuses_the_analytic_first_step():
 
 
 def tiny_text_to_image():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4,
-    ).eval()
+    unet = make_tiny_conditional_unet()
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMPipeline, DDPMScheduler
 
 from solversearch import presets, solve
 from solversearch.errors import SolversearchError
@@ -12,7 +12,7 @@ from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.models import UNetDenoiser
 from solversearch.models.spec import ModelHandle, load_model
 
-from .conftest import make_tiny_unet
+from .conftest import make_tiny_conditional_unet, make_tiny_unet
 
 
 def save_model(directory, unet, prediction_type="epsilon"):
@@ -80,24 +80,8 @@ def test_bundled_digits_model_loads_from_the_package():
     assert load_model("bundled:digits").fingerprint == handle.fingerprint
 
 
-def tiny_conditional_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
-
-
 def test_classifier_free_guidance_combines_conditional_and_unconditional_eps(ddpm_noise):
-    unet = tiny_conditional_unet()
+    unet = make_tiny_conditional_unet()
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.5, 0.9])
     prompt, empty = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
     guided = UNetDenoiser(unet, ddpm_noise, guidance_scale=7.5).bind(
@@ -116,7 +100,7 @@ def test_evaluator_gives_every_schedule_the_same_prompts(ddpm_noise, tmp_path):
     and the conditional model sees the prompts drawn by the seed."""
     from solversearch.metrics.reference import ArrayCache
 
-    unet = tiny_conditional_unet()
+    unet = make_tiny_conditional_unet()
     bank = torch.randn(6, 5, 12)
     handle = ModelHandle(
         spec="tiny-sd",

@@ -148,7 +148,8 @@ class UNetDenoiser(torch.nn.Module):
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
-        dtype = next(self.unet.parameters()).dtype
+        weight = next(self.unet.parameters(), None)  # the network runs in its own dtype (e.g. float16 on a GPU)
+        dtype = weight.dtype if weight is not None else x.dtype
         out = self.unet(x.to(dtype), self.noise_schedule.network_time(t).to(dtype), **conditioning).sample.to(x.dtype)
         if self.prediction_type == "epsilon":
             return out

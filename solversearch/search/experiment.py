@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SolversearchError
+from .files import read_yaml
 from .space import SearchSpace, load_space
 
 METRICS = ("fid", "kid", "error_to_reference")
@@ -94,12 +93,7 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ExperimentError(f"cannot read experiment {str(path)!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, ExperimentError, "experiment")
     try:
         return experiment_from_dict(doc, base=path.parent, default_name=path.stem)
     except ExperimentError as exc:

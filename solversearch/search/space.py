@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SolversearchError
 from ..grids import GRIDS
 from ..presets import PRESETS
 from ..schedule import CORRECTORS, FIRST_STEPS, MAX_ORDER, PREDICTIONS, SCALINGS
+from .files import read_yaml
 
 DERIVATIVES = ("full", "low")  # low: the first derivative from the most recent point only (USF's low-order estimate)
 
@@ -79,12 +78,7 @@ class SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpaceError(f"cannot read search space {str(path)!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, SpaceError, "search space")
     try:
         return space_from_dict(doc, default_name=path.stem)
     except SpaceError as exc:
