@@ -7,8 +7,9 @@ update `solversearch.solve` runs (`SamplerState.advance`), so both give the same
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,9 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def current_skip(self) -> tuple[str, ...]:
-        """The blocks the model may skip at its next evaluation (see `skipping`)."""
-        index = min(self._next_step, len(self.plan.steps) - 1)
-        return self.plan.steps[index].skip
+        """The blocks the network skips at its next evaluation (see `pruned`)."""
+        index = 1 if self._analytic_pending() else self._next_step
+        return self.plan.steps[min(index, len(self.plan.steps) - 1)].skip
 
     def set_timesteps(
         self,
@@ -189,6 +190,42 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
         if kind == "v_prediction":
             return sigma * x + alpha * output
         return (x - alpha * output) / sigma
+
+
+@contextlib.contextmanager
+def pruned(unet: torch.nn.Module, scheduler: SearchedScheduler) -> Iterator[None]:
+    """Run a schedule's skipped blocks inside an unmodified pipeline:
+
+        with pruned(pipe.unet, pipe.scheduler):
+            images = pipe(...).images
+
+    Before each network call the current step's skip set is activated (for this thread only) and
+    released after it. Unknown block names are an error here, before anything runs.
+    """
+    from .models.pruning import prunable_units, skipping
+
+    known = set(prunable_units(unet))
+    unknown = sorted({u for step in scheduler.schedule.steps for u in step.skip} - known)
+    if unknown:
+        raise ScheduleError(f"the schedule skips blocks this network does not have: {unknown}; it has e.g. {sorted(known)[:4]}")
+    active: list[contextlib.ExitStack] = []
+
+    def before(module, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(skipping(unet, scheduler.current_skip))
+        active.append(stack)
+
+    def after(module, args, output):
+        active.pop().close()
+
+    handles = [unet.register_forward_pre_hook(before), unet.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while active:
+            active.pop().close()
 
 
 def check_noise_schedule(schedule: SolverSchedule, noise: NoiseSchedule) -> None:

@@ -217,3 +217,45 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the documented example
     assert namespace["images"].shape[0] == 4
+
+
+def pruned_schedule(units) -> SolverSchedule:
+    base = presets.build("unipc_2_bh2", NOISE, 5, "logsnr")
+    skips = [(), (units[0],), (units[1], units[-1]), (), (units[2],)]
+    return SolverSchedule(timesteps=base.timesteps, steps=tuple(
+        Step(**{**s.__dict__, "skip": k}) for s, k in zip(base.steps, skips)), noise_schedule=NOISE.to_dict())
+
+
+def test_a_pruned_schedule_runs_inside_an_unmodified_pipeline():
+    """`with pruned(unet, scheduler)` applies each step's skip set to the network call of that step:
+    the pipeline then reproduces the sampler, which passes the skip sets to the denoiser itself."""
+    from solversearch.inference import pruned
+    from solversearch.models.pruning import prunable_units
+
+    unet = make_tiny_unet(channels=3).float()
+    schedule = pruned_schedule(prunable_units(unet))
+    pipe = DDPMPipeline(unet=unet, scheduler=SearchedScheduler.from_schedule(schedule, DDPMScheduler().config))
+    with pruned(pipe.unet, pipe.scheduler):
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np").images
+    x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    expected = ((solve(UNetDenoiser(unet, NOISE), schedule, x_T).sample / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1)
+    unpruned = ((solve(UNetDenoiser(unet, NOISE), presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), x_T).sample / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1)
+    assert float((torch.from_numpy(images) - expected).abs().max()) <= 1e-5
+    assert float((expected - unpruned).abs().max()) > 1e-3  # the skipping really happened
+    assert unet(torch.zeros(1, 3, 8, 8), 10).sample.shape == (1, 3, 8, 8)  # and the network is whole again
+
+
+def test_unknown_skipped_blocks_are_clear_errors(tmp_path):
+    from solversearch.inference import pruned
+
+    unet = make_tiny_unet(channels=3).float()
+    schedule = pruned_schedule(["down_blocks.0.resnets.0", "mid_block.resnets.7", "up_blocks.0.resnets.0"])
+    scheduler = SearchedScheduler.from_schedule(schedule, DDPMScheduler().config)
+    with pytest.raises(ScheduleError, match="mid_block.resnets.7"):
+        with pruned(unet, scheduler):
+            pass
+    path = schedule.save(tmp_path / "pruned.json")
+    result = subprocess.run([sys.executable, "-m", "solversearch.cli", "sample", "--model", "bundled:digits", "--schedule", str(path),
+                             "--n", "2", "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
+    assert result.returncode == 2 and "mid_block.resnets.7" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "g.png").exists()
