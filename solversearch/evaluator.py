@@ -152,25 +152,26 @@ class Evaluator:
         return self._batch_size
 
     def _largest_batch(self) -> int:
-        """Double the batch until a model call runs out of GPU memory (or reaches n); keep half of that
-        as headroom for the solver's stored model values."""
+        """Double the batch until a model call runs out of GPU memory or reaches 2n; keep half of the
+        largest that ran as headroom for the solver's stored model values."""
         if self.device.type != "cuda":
             return min(self.settings.n, 500)
-        batch, fits = 64, 0
+        largest_needed = 2 * self.settings.n
+        batch, fits = min(64, largest_needed), 0
         t = torch.full((1,), 0.5, device=self.device)
-        while batch <= 2 * self.settings.n:
+        while fits < largest_needed:
             try:
                 with torch.no_grad(), self._autocast():
                     x = torch.randn((batch, *self.model.sample_shape), device=self.device)
                     self.denoiser(x, t.expand(batch))
                 fits = batch
-                batch *= 2
+                batch = min(2 * batch, largest_needed)
             except torch.cuda.OutOfMemoryError:
                 break
             finally:
                 torch.cuda.empty_cache()
         if fits == 0:
-            raise SolversearchError(f"even a batch of 64 samples does not fit on {self.device}; lower the model size or use the CPU")
+            raise SolversearchError(f"even a batch of {min(64, largest_needed)} samples does not fit on {self.device}; lower the model size or use the CPU")
         return max(1, min(self.settings.n, fits // 2))
 
     def macs(self, schedule: SolverSchedule) -> float | None:

@@ -87,12 +87,13 @@ def execute(
     """Run a compiled plan. Reuse one plan for many batches: compiling is the only host-side work."""
     batch = x_T.shape[0]
     time_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    times = torch.tensor([s.t for s in plan.steps], dtype=time_dtype, device=x_T.device)
+    # Each step's t is a fill kernel from a Python float: a host→device copy of a time table would
+    # synchronise on CUDA (pageable memory), a fill does not.
     state = SamplerState.start(x_T)
     trajectory = [x_T] if return_trajectory else None
     for i, step in enumerate(plan.steps):
         if step.evaluate:
-            t = times[i].expand(batch)
+            t = torch.full((batch,), step.t, dtype=time_dtype, device=x_T.device)
             eps = denoiser(state.x, t, skip=step.skip) if step.skip else denoiser(state.x, t)
         else:
             eps = state.x  # the analytic first step: ε̂(x_T, T) = x_T
