@@ -72,6 +72,22 @@ def test_pruning_buys_extra_steps_in_stage_two_only():
     assert len(first_steps) > 1  # the first step is searched, not pinned to 999
 
 
+def test_over_budget_repair_skips_the_most_expensive_units_first():
+    """Six unpruned steps cost 6 forwards against a budget of 5. With three skips allowed per step, the
+    three largest units (1,200 + 1,100 + 1,000 MACs) at each step bring six steps to 6 × 6,700 = 40,200
+    ≤ 50,000: the repair must keep the sixth step rather than drop it."""
+    s = searcher()
+    repaired = s.repair([900, 700, 500, 300, 150, 50], [[] for _ in range(6)], ratio=0.25)
+    check(repaired, 0.25)
+    assert repaired.nfe == 6
+    assert all(set(step.skip) <= {"u11", "u10", "u9"} for step in repaired.steps)
+
+
+def test_searched_schedules_do_not_carry_the_preset_name():
+    s = searcher()
+    assert s._random(5).name == "" and s.repair([800, 400, 100], [[], [], []], 0.0).name == ""
+
+
 def test_save_and_restore_continue_identically(tmp_path):
     original = searcher(seed=5)
     drive(original, metric, 20)

@@ -127,7 +127,8 @@ class AutoDiffusionSearcher(ScheduleSearcher):
         """The fixed solver on integer timesteps (largest first), ending with the denoising step."""
         times = [(n + 1) / self.n_train for n in steps] + [0.0]
         base = PRESETS[self.ops.space.solver].build(times)
-        return replace(base, steps=tuple(replace(s, skip=tuple(k)) for s, k in zip(base.steps, skips)))
+        # A searched schedule is no longer the preset: it must not carry the preset's name.
+        return replace(base, name="", steps=tuple(replace(s, skip=tuple(k)) for s, k in zip(base.steps, skips)))
 
     def mutate(self, schedule: SolverSchedule, ratio: float) -> SolverSchedule:
         steps, skips = self.timesteps_of(schedule), [list(s.skip) for s in schedule.steps]
@@ -171,11 +172,13 @@ class AutoDiffusionSearcher(ScheduleSearcher):
         skips = [[u for u in self.units if u in set(s)][:cap] for s in skips]
         schedule = self.build(steps, skips)
         while self.costs.schedule_cost(schedule) > self.mac_budget:
-            # Over budget: skip more where the cap allows, else drop the cheapest-to-lose step.
+            # Over budget: at a random step with room under the cap, skip the most expensive unit it
+            # still runs (greedy, so pruning can pay for an extra step); else drop a step.
             room = [i for i, s in enumerate(skips) if len(s) < cap]
             if room:
                 i = room[int(self.rng.integers(len(room)))]
-                skips[i] = self._toggle([*skips[i]], ratio, add_only=True)
+                running = [u for u in self.units if u not in skips[i]]
+                skips[i] = [*skips[i], max(running, key=lambda u: self.costs.units[u])]
             else:
                 j = int(self.rng.integers(1, len(steps))) if len(steps) > 1 else 0
                 del steps[j], skips[j]
@@ -208,14 +211,11 @@ class AutoDiffusionSearcher(ScheduleSearcher):
         steps[j] = int(np.clip(value, low, high))
         return steps
 
-    def _toggle(self, skip: list[str], ratio: float, add_only: bool = False) -> list[str]:
+    def _toggle(self, skip: list[str], ratio: float) -> list[str]:
         cap = int(ratio * len(self.units))
         if cap == 0:
             return []
-        candidates = [u for u in self.units if u not in skip] if add_only else list(self.units)
-        if not candidates:
-            return skip
-        unit = candidates[int(self.rng.integers(len(candidates)))]
+        unit = self.units[int(self.rng.integers(len(self.units)))]
         if unit in skip:
             return [u for u in skip if u != unit]
         if len(skip) >= cap:

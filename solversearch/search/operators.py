@@ -141,7 +141,7 @@ class Operators:
         skips = [self._repair_skip(step.skip) for step in steps]
         if self.space.fixed_solver:
             preset = PRESETS[self.space.solver].build(times)
-            return replace(preset, first_step=first_step, steps=tuple(replace(s, skip=k) for s, k in zip(preset.steps, skips)))
+            return replace(preset, name="", first_step=first_step, steps=tuple(replace(s, skip=k) for s, k in zip(preset.steps, skips)))
         repaired = [
             replace(self._repair_step(step, i, n, to_zero=i == n - 1 and times[-1] == 0.0), skip=skips[i])
             for i, step in enumerate(steps)
