@@ -44,8 +44,13 @@ def ranked(history: list[StoredEvaluation], baselines: bool) -> list[StoredEvalu
 
 
 def final_report(experiment: Experiment, model: ModelHandle, history: list[StoredEvaluation], validate: bool) -> list[ReportRow]:
-    """Rows: this search's winner, each compared study's winner, and the best baseline of them all."""
-    pools: list[tuple[str, list[StoredEvaluation]]] = [("searched", ranked(history, baselines=False))]
+    """Rows: this search's winner, its best pruned schedule (when it evaluated any), each compared
+    study's winner, and the best baseline of them all."""
+    searched = ranked(history, baselines=False)
+    pools: list[tuple[str, list[StoredEvaluation]]] = [
+        ("searched", searched),
+        ("best pruned", [e for e in searched if any(step.skip for step in e.schedule.steps)]),
+    ]
     baselines = ranked(history, baselines=True)
     for name in experiment.compare:
         try:
