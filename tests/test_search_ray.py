@@ -53,6 +53,7 @@ def check_study(url: str, study: str, expected: int):
     assert len({e.key for e in history}) == expected  # no evaluation twice
     for e in history:
         assert e.metrics["fid"] >= 0 and e.n == 200 and e.cost["nfe"] == 5
+        assert e.worker["device"] == "cpu"  # CPU trials: Ray assigned no GPU
     return store, history
 
 

@@ -153,7 +153,7 @@ class StudyRecorder:
         self.store.record(
             schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
             stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
-            worker={k: result[k] for k in ("node", "pid", "built_evaluator") if k in result},
+            worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator") if k in result},
         )
         self.recorded += 1
         if math.isfinite(values[0]):

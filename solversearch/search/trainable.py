@@ -52,7 +52,8 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[s
 
     schedule = SolverSchedule.from_dict(config["schedule"])
     built = context not in _EVALUATORS
-    result = evaluator_for(context).evaluate(schedule)
+    evaluator = evaluator_for(context)
+    result = evaluator.evaluate(schedule)
     report = {
         "fid": result.fid,
         "kid": result.kid,
@@ -70,6 +71,7 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[s
         "key": config["key"],
         "node": _node_id(),
         "pid": os.getpid(),
+        "device": torch.cuda.get_device_name(evaluator.device) if evaluator.device.type == "cuda" else "cpu",
         "built_evaluator": built,  # True only for a worker's first trial: model and statistics load once
     }
     tune.report(report)
