@@ -64,15 +64,29 @@ def final_report(experiment: Experiment, model: ModelHandle, history: list[Store
     if not validate:
         return [ReportRow(label, pool[0], None, None) for label, pool in pools]
 
-    select = Evaluator(model, _settings(experiment, experiment.metric.seed + SELECTION_SEED_OFFSET))
-    check = Evaluator(model, _settings(experiment, experiment.validation_seed))
+    select = _Scored(Evaluator(model, _settings(experiment, experiment.metric.seed + SELECTION_SEED_OFFSET)))
+    check = _Scored(Evaluator(model, _settings(experiment, experiment.validation_seed)))
     metric = experiment.metric.name
     rows = []
     for label, pool in pools:
-        scored = [(select.evaluate(e.schedule), e) for e in pool[: experiment.validation_top]]
+        scored = [(select(e), e) for e in pool[: experiment.validation_top]]
         selection, winner = min(scored, key=lambda pair: pair[0].metrics().get(metric, math.inf))
-        rows.append(ReportRow(label, winner, selection, check.evaluate(winner.schedule)))
+        rows.append(ReportRow(label, winner, selection, check(winner)))
     return rows
+
+
+class _Scored:
+    """An evaluator that scores each schedule once: pools overlap (the best pruned schedule may be the
+    winner, another study may hold the same schedule), and one seed gives one number."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.results: dict[str, EvaluationResult] = {}
+
+    def __call__(self, evaluation: StoredEvaluation) -> EvaluationResult:
+        if evaluation.key not in self.results:
+            self.results[evaluation.key] = self.evaluator.evaluate(evaluation.schedule)
+        return self.results[evaluation.key]
 
 
 def _settings(experiment: Experiment, seed: int) -> EvaluationSettings:
