@@ -121,7 +121,7 @@ def test_bundled_digit_features_are_bounded_and_classify_held_out_digits():
     _, test = split_indices(len(labels))
     features = BundledDigitsFeatures()
     f = features(images[test])
-    assert f.shape == (len(test), 64) and float(f.abs().max()) <= 1.0
+    assert f.shape == (len(test), features.net.config["feature_dim"]) and float(f.abs().max()) <= 1.0
     accuracy = (features.net(images[test]).argmax(1).numpy() == labels[test]).mean()
     assert accuracy > 0.97
     assert features.identity.startswith("digits_features:")
