@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from solversearch.models.pruning import UnitCosts
 from solversearch.search.autodiffusion import AutoDiffusionSearcher
 from solversearch.search.searchers import drive
 from solversearch.search.space import load_space
+from tests.test_searchers import drive_concurrently, triples
 
 NOISE = DiscreteVP.from_diffusers_config({})
 SPACE = load_space("search_spaces/autodiffusion.yaml")
@@ -19,7 +21,7 @@ COSTS = UnitCosts(full=10_000, units=UNITS)
 
 
 def searcher(seed=0, **settings):
-    defaults = dict(population=12, elites=4, mutants=6, crossovers=3, generations=(2, 3))
+    defaults = {"population": 12, "elites": 4, "mutants": 6, "crossovers": 3, "generations": (2, 3)}
     return AutoDiffusionSearcher(SPACE, 5, NOISE, costs=COSTS, seed=seed, **{**defaults, **settings})
 
 
@@ -105,3 +107,23 @@ def test_no_candidate_is_evaluated_twice():
     keys = []
     drive(s, metric, 120, on_result=lambda config, result: keys.append(config["key"]))
     assert len(keys) == len(set(keys))
+
+
+# Generation 0 is the initial population (12), each later one 9 children: 5 generations make 48.
+@pytest.mark.parametrize("budget", [40, 100], ids=["cut-mid-generation", "to-the-end"])
+def test_the_study_does_not_depend_on_concurrency_nor_on_the_order_trials_finish(budget):
+    reference = drive_concurrently(searcher(seed=4), metric, budget, 1, 0)
+    assert {stage for stage, _, _ in reference} == {1, 2}
+    assert len({key for _, key, _ in reference}) == len(reference) == min(budget, 48)
+    for concurrency, order_seed in [(2, 0), (2, 1), (4, 2), (4, 3)]:
+        assert drive_concurrently(searcher(seed=4), metric, budget, concurrency, order_seed) == reference, concurrency
+
+
+@pytest.mark.parametrize("stop", [5, 17, 33])
+def test_a_search_stopped_mid_generation_resumes_to_the_same_study(stop):
+    uninterrupted = drive_concurrently(searcher(seed=4), metric, 100, 3, 0)
+    first = searcher(seed=4)
+    drive_concurrently(first, metric, stop, 2, 1)
+    history = list(first.observations)
+    continued = drive_concurrently(searcher(seed=4, history=history), metric, 100, 4, 2)
+    assert sorted(triples(history) + continued) == uninterrupted

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from ray.tune.search import Searcher
 
 from solversearch import DiscreteVP, SolverSchedule
 from solversearch.search.searchers import ALGORITHMS, Observation, drive, make_searcher
@@ -139,3 +141,102 @@ def test_observations_are_plain_data():
     drive(s, synthetic_metric, 3)
     assert isinstance(s.observations[0], Observation)
     assert copy.deepcopy(s.observations) == s.observations
+
+
+# --- determinism: the same seed gives the same study whatever the concurrency and completion order ---
+
+
+def drive_concurrently(searcher, evaluate, budget, concurrency, order_seed):
+    """Ray Tune's pattern without Ray: keep suggesting until the searcher waits (None), finishes or
+    `concurrency` trials are running, then complete a random number of the running trials in a random
+    order (both drawn from `order_seed`), and again, until `budget` trials have been suggested and all
+    completed. Returns the sorted (stage, key, value) of the completed trials."""
+    order = np.random.default_rng(order_seed)
+    running, results, suggested, finished = {}, [], 0, False
+    while True:
+        while not finished and suggested < budget and len(running) < concurrency:
+            config = searcher.suggest(f"trial-{suggested}")
+            if config is None:
+                break
+            if config == Searcher.FINISHED:
+                finished = True
+                break
+            running[f"trial-{suggested}"] = config
+            suggested += 1
+        if not running:
+            assert finished or suggested == budget, "the searcher waits although no trial is running"
+            return sorted(results)
+        ids = list(running)
+        order.shuffle(ids)
+        for trial_id in ids[: int(order.integers(1, len(ids) + 1))]:
+            config = running.pop(trial_id)
+            result = evaluate(SolverSchedule.from_dict(config["schedule"]))
+            searcher.on_trial_complete(trial_id, result)
+            results.append((config["stage"], config["key"], result["fid"]))
+
+
+def triples(observations):
+    return sorted((o.stage, o.key, o.value) for o in observations)
+
+
+# Cheap settings with several generations in a few dozen evaluations: stage 0 is 7 presets on one grid
+# and 4 mutants. s3's boosted-trees predictor ("gbr") plans a stage in about a second; the ranking
+# predictor is planned from the same canonical data and seeds, only slower.
+DETERMINISM = {
+    "s3": ({"k": 6, "pool": 120, "population": 24, "stage0_mutants": 4, "stage0_grids": ["logsnr"], "predictor": "gbr"}, 34),
+    "evolution": ({"k": 6, "stage0_mutants": 4, "stage0_grids": ["logsnr"]}, 40),
+    "random": (None, 70),
+}
+CONCURRENCY_AND_ORDER = [(2, 0), (2, 1), (4, 2), (4, 3)]
+
+
+def determinism_searcher(algorithm, **kwargs):
+    return make_searcher(algorithm, USF, 5, NOISE, settings=DETERMINISM[algorithm][0], seed=11, **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", list(DETERMINISM))
+def test_the_study_does_not_depend_on_concurrency_nor_on_the_order_trials_finish(algorithm):
+    budget = DETERMINISM[algorithm][1]
+    reference = drive_concurrently(determinism_searcher(algorithm), synthetic_metric, budget, 1, 0)
+    assert len(reference) == budget and len({key for _, key, _ in reference}) == budget
+    if algorithm != "random":
+        assert {stage for stage, _, _ in reference} >= {0, 1, 2}  # several generations, the last one cut
+    for concurrency, order_seed in CONCURRENCY_AND_ORDER:
+        got = drive_concurrently(determinism_searcher(algorithm), synthetic_metric, budget, concurrency, order_seed)
+        assert got == reference, (concurrency, order_seed)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "stop"),
+    [("s3", 4), ("s3", 9), ("s3", 14), ("evolution", 9), ("evolution", 20), ("random", 60)],
+    ids=["s3-presets", "s3-mutants", "s3-stage1", "evolution-mutants", "evolution-stage2", "random"],
+)
+def test_a_search_stopped_mid_generation_resumes_to_the_same_study(algorithm, stop):
+    budget = DETERMINISM[algorithm][1]
+    uninterrupted = drive_concurrently(determinism_searcher(algorithm), synthetic_metric, budget, 2, 0)
+    first = determinism_searcher(algorithm)
+    drive_concurrently(first, synthetic_metric, stop, 3, 1)
+    history = list(first.observations)
+    resumed = determinism_searcher(algorithm, history=history)
+    continued = drive_concurrently(resumed, synthetic_metric, budget - stop, 2, 2)
+    assert sorted(triples(history) + continued) == uninterrupted
+
+
+@pytest.mark.parametrize("algorithm", ["s3", "evolution"])
+def test_the_baseline_pool_is_learnt_from_but_is_neither_re_proposed_nor_a_generation(algorithm):
+    """Baselines (stage 0, algorithm "baselines") evaluated before the search: two of its presets and
+    three random schedules. The search skips those presets, still makes all its stage-0 mutants, and its
+    study does not depend on concurrency."""
+    presets = determinism_searcher(algorithm)
+    drive(presets, synthetic_metric, 2)
+    others = make_searcher("random", USF, 5, NOISE, seed=5)
+    drive(others, synthetic_metric, 3)
+    pool = [replace(o, algorithm="baselines") for o in presets.observations + others.observations]
+    budget = DETERMINISM[algorithm][1]
+    reference = drive_concurrently(determinism_searcher(algorithm, history=pool), synthetic_metric, budget, 1, 0)
+    assert not {key for _, key, _ in reference} & {o.key for o in pool}
+    assert sum(1 for stage, _, _ in reference if stage == 0) == 5 + 4  # the 5 presets left, then 4 mutants
+    assert {stage for stage, _, _ in reference} >= {0, 1, 2}
+    for concurrency, order_seed in CONCURRENCY_AND_ORDER[::2]:
+        got = drive_concurrently(determinism_searcher(algorithm, history=pool), synthetic_metric, budget, concurrency, order_seed)
+        assert got == reference, (concurrency, order_seed)

@@ -5,6 +5,11 @@ the space's maximum, so pruning can buy extra steps within a MAC budget (that of
 unpruned). Unlike the public code: mutations of times are local moves as well as resets, a skip
 mutation always changes the set, crossover never creates duplicate timesteps, every candidate is
 scored on the same noise, and the result is a schedule file.
+
+Each generation is bred whole, once the previous one is scored, from the set of results of the earlier
+generations (canonical order) with a generator derived from (seed, generation): the study does not
+depend on concurrency nor on the order trials finish, and a resumed search replays the planning of its
+generations from history (cheap: no model is trained) and skips the schedules already evaluated.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..grids import make_grid
 from ..noise import DiscreteVP, NoiseSchedule
 from ..presets import PRESETS
 from ..schedule import SolverSchedule
-from .searchers import ScheduleSearcher, _Proposal
+from .searchers import Observation, Proposal, ScheduleSearcher, _best, _canonical
 from .space import SearchSpace
 
 
@@ -62,23 +67,30 @@ class AutoDiffusionSearcher(ScheduleSearcher):
         self.generations = tuple(generations)
         self.n_train = noise.num_train_timesteps
         self.min_first = int(min_first_step * self.n_train)
-        self.generation = 0
-        self.batch: list[_Proposal] = []
-        self.stage = 1 if not self.observations else max(o.stage for o in self.observations)
+        self.generation = 0  # generations bred so far; a rebuilt searcher re-breeds them from history
+        self.batch: list[Proposal] = []
+        self.bred: set[str] = set()  # keys of every generation bred so far: their results are the parents
+        self.stage = 1
 
     # --- the generational loop -----------------------------------------------------------------
 
     def _propose(self):
-        if not self.batch:
+        while True:
+            proposal = self._next_unknown(self.batch)
+            if proposal is not None:
+                return proposal
             if self.pending:
                 return None  # a generation is scored before the next is bred
             if self.generation >= sum(self.generations):
                 return Searcher.FINISHED
-            self.batch = self._breed()
+            # Bred from the results of the earlier generations and others' (the baseline pool): not from
+            # those of this generation a resumed search already has, so it breeds the same one again.
+            parents = _canonical(o for o in self.observations if not self._own(o) or o.key in self.bred)
+            self.batch = self._breed(parents)
+            self.bred.update(p.key for p in self.batch)
             self.generation += 1
             if not self.batch:
                 return Searcher.FINISHED
-        return self.batch.pop(0)
 
     def allowed_ratio(self) -> float:
         """0 in stage 1; in stage 2 it ramps linearly to the maximum over its generations."""
@@ -87,20 +99,20 @@ class AutoDiffusionSearcher(ScheduleSearcher):
             return 0.0
         return self.max_ratio * min(1.0, (self.generation - first + 1) / second)
 
-    def _breed(self) -> list[_Proposal]:
+    def _breed(self, parents: list[Observation]) -> list[Proposal]:
         self.stage = 1 if self.generation < self.generations[0] else 2
+        self.rng = self._generation_rng(self.generation)
         ratio = self.allowed_ratio()
-        out: list[_Proposal] = []
-        keys: set[str] = set()
+        out: list[Proposal] = []
+        taken = {o.key for o in parents}
 
         def add(schedule: SolverSchedule) -> None:
-            proposal = self._new(schedule, self.stage)
-            if proposal is not None and proposal.key not in keys:
-                keys.add(proposal.key)
+            proposal = self._take(schedule, self.stage, taken)
+            if proposal is not None:
                 out.append(proposal)
 
-        elites = [o.schedule for o in self.best_observations(self.elites)]
-        if not elites:  # the initial population: grids of the space plus random timesteps
+        elites = [o.schedule for o in _best(parents, self.elites)]
+        if self.generation == 0 or not elites:  # the initial population: grids of the space plus random timesteps
             for grid in self.ops.space.timesteps.init_grids:
                 add(self._from_grid(grid))
             for _ in range(10 * self.population):
@@ -121,7 +133,7 @@ class AutoDiffusionSearcher(ScheduleSearcher):
     # --- operators on (integer timesteps, skip sets) -------------------------------------------
 
     def timesteps_of(self, schedule: SolverSchedule) -> list[int]:
-        return [int(round(t * self.n_train - 1)) for t in schedule.timesteps if t > 0]
+        return [round(t * self.n_train - 1) for t in schedule.timesteps if t > 0]
 
     def build(self, steps: Sequence[int], skips: Sequence[Sequence[str]]) -> SolverSchedule:
         """The fixed solver on integer timesteps (largest first), ending with the denoising step."""
@@ -193,7 +205,7 @@ class AutoDiffusionSearcher(ScheduleSearcher):
 
     def _from_grid(self, grid: str) -> SolverSchedule:
         times = make_grid(grid, self.ops.noise, self.ops.nfe)
-        steps = [int(round(t * self.n_train - 1)) for t in times[:-1]]
+        steps = [round(t * self.n_train - 1) for t in times[:-1]]
         return self.repair(steps, [[] for _ in steps], 0.0)
 
     def _move(self, steps: list[int], local: bool) -> list[int]:
@@ -204,7 +216,7 @@ class AutoDiffusionSearcher(ScheduleSearcher):
             return steps
         if local:
             scale = max(1.0, 0.3 * min(high - steps[j], steps[j] - low, (high - low) / 2))
-            value = steps[j] + int(round(self.rng.normal(0.0, scale))) or steps[j] + 1
+            value = steps[j] + round(self.rng.normal(0.0, scale)) or steps[j] + 1
         else:
             value = int(self.rng.integers(low, high + 1))
         steps = list(steps)

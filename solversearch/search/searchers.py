@@ -5,6 +5,12 @@ learns from `on_trial_complete`, never proposes a schedule whose canonical key i
 be rebuilt from stored evaluations (`history=`) — that is how a search resumes from its study.
 `save`/`restore` pickle the whole state, RNGs included, so a restored searcher continues identically.
 They are plain Python objects: `drive()` runs one without Ray.
+
+The same seed gives the same study whatever the concurrency and the order in which trials finish:
+s3, evolution and autodiffusion plan a whole generation at once, at a barrier (no trial of the previous
+generation pending), from the *set* of results (sorted canonically, ties broken by key), with a
+generator derived from (seed, generation). A searcher rebuilt from history re-plans the current
+generation identically and skips what was already evaluated. Random search draws one fixed stream.
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ class Observation:
     key: str
     value: float  # the metric; inf for diverged or failed
     stage: int
+    algorithm: str = ""  # who proposed it; "" (unknown) counts as this searcher's own
 
 
 @dataclass
-class _Proposal:
+class Proposal:
+    """A schedule a searcher hands out for evaluation, with its canonical key and its stage."""
+
     schedule: SolverSchedule
     key: str
     stage: int
@@ -69,10 +78,11 @@ class ScheduleSearcher(Searcher):
             raise SolversearchError("solversearch metrics are minimised; mode must be 'min'")
         self.ops = Operators(space, nfe, noise)
         self.encoding = ScheduleEncoding(self.ops)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.observations: list[Observation] = []
         self.known: set[str] = set()
-        self.pending: dict[str, _Proposal] = {}
+        self.pending: dict[str, Proposal] = {}
         self.stage = 0
         self.n_units: int | None = None  # the model's prunable units, when the space skips blocks
         self.timings: dict[str, float] = {"predictor_seconds": 0.0}
@@ -100,7 +110,7 @@ class ScheduleSearcher(Searcher):
             self._lost(proposal)
             return
         value = _value(result, self.metric)
-        observation = Observation(proposal.schedule, proposal.key, value, proposal.stage)
+        observation = Observation(proposal.schedule, proposal.key, value, proposal.stage, self.algorithm)
         self.observations.append(observation)
         self._observed(observation, proposal)
 
@@ -120,49 +130,95 @@ class ScheduleSearcher(Searcher):
 
     # --- hooks for subclasses -----------------------------------------------------------------
 
-    def _propose(self) -> _Proposal | str | None:
+    def _propose(self) -> Proposal | str | None:
         raise NotImplementedError
 
-    def _observed(self, observation: Observation, proposal: _Proposal) -> None:
+    def _observed(self, observation: Observation, proposal: Proposal) -> None:
         pass
 
-    def _lost(self, proposal: _Proposal) -> None:
+    def _lost(self, proposal: Proposal) -> None:
         pass
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _new(self, schedule: SolverSchedule, stage: int) -> _Proposal | None:
+    def _new(self, schedule: SolverSchedule, stage: int) -> Proposal | None:
+        """A proposal unless its key is known. Only for plans that draw nothing at random (the baseline
+        pool's): a random plan must de-duplicate with `_take`, or a resumed search would draw differently."""
         key = self.ops.key(schedule)
         if key in self.known:
             return None
-        return _Proposal(schedule, key, stage)
+        return Proposal(schedule, key, stage)
 
-    def _unique_variant(self, make: Callable[[], SolverSchedule], stage: int, attempts: int = 50) -> _Proposal | None:
+    def _unique_variant(
+        self, make: Callable[[], SolverSchedule], stage: int, taken: set[str], attempts: int = 50
+    ) -> Proposal | None:
         for _ in range(attempts):
-            proposal = self._new(make(), stage)
+            proposal = self._take(make(), stage, taken)
             if proposal is not None:
                 return proposal
         return None
 
     def best_observations(self, k: int) -> list[Observation]:
-        finite = [o for o in self.observations if math.isfinite(o.value)]
-        return sorted(finite, key=lambda o: o.value)[:k]
+        return _best(self.observations, k)
+
+    def _own(self, observation: Observation) -> bool:
+        """Proposed by this algorithm (or of unknown origin). Others' results — the baseline pool, a
+        study started with another algorithm — are known results to learn from, not generations."""
+        return observation.algorithm in ("", self.algorithm)
+
+    def _generation_rng(self, generation: int) -> np.random.Generator:
+        """A generation's own generator: planning it depends on (seed, generation, earlier results) only,
+        not on how many draws earlier generations made, nor on when their trials finished."""
+        return np.random.default_rng([self.seed, generation])
+
+    def _take(self, schedule: SolverSchedule, stage: int, taken: set[str]) -> Proposal | None:
+        """A planned proposal, unless its key is in `taken` (the keys the plan may not repeat), which it joins.
+        Plans de-duplicate against the results they were planned from, not against `known`: that grows
+        with the generation being planned, and a resumed searcher must re-plan it identically."""
+        key = self.ops.key(schedule)
+        if key in taken:
+            return None
+        taken.add(key)
+        return Proposal(schedule, key, stage)
+
+    def _next_unknown(self, queue: list[Proposal]) -> Proposal | None:
+        """Pop the queue's first proposal not yet evaluated nor pending (a resumed plan skips those)."""
+        while queue:
+            proposal = queue.pop(0)
+            if proposal.key not in self.known:
+                return proposal
+        return None
 
 
 class RandomSearcher(ScheduleSearcher):
-    """Uniformly random schedules of the space (no presets, no learning): the reference point."""
+    """Uniformly random schedules of the space (no presets, no learning): the reference point.
+
+    The proposals are one fixed stream of distinct schedules drawn from the seed, minus those already
+    known: they depend neither on timing nor on history, and a resumed search continues the stream."""
 
     algorithm = "random"
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.drawn: set[str] = set()  # keys the stream has produced (its own de-duplication)
+
     def _propose(self):
-        proposal = self._unique_variant(lambda: self.ops.random(self.rng), stage=0)
-        return proposal if proposal is not None else Searcher.FINISHED
+        while True:
+            proposal = None
+            for _ in range(50):
+                proposal = self._take(self.ops.random(self.rng), 0, self.drawn)
+                if proposal is not None:
+                    break
+            if proposal is None:
+                return Searcher.FINISHED  # the stream keeps repeating itself: the space is exhausted
+            if proposal.key not in self.known:
+                return proposal
 
 
 class _Stage0Mixin:
     """Stage 0 of s3 and evolution: the preset baselines at this NFE, then mutations of the best ones."""
 
-    def _stage0_queue(self, presets: Sequence[str], grids: Sequence[str]) -> tuple[list[_Proposal], set[str]]:
+    def _stage0_queue(self, presets: Sequence[str], grids: Sequence[str]) -> tuple[list[Proposal], set[str]]:
         """Proposals for the presets not yet evaluated, and the keys of all stage-0 presets."""
         noise, nfe = self.ops.noise, self.ops.nfe
         queue, keys = [], set()
@@ -173,7 +229,7 @@ class _Stage0Mixin:
                 schedule = build(name, noise, nfe, grid)
                 key = self.ops.key(schedule)
                 if key not in keys and key not in self.known:
-                    queue.append(_Proposal(schedule, key, 0))
+                    queue.append(Proposal(schedule, key, 0))
                 keys.add(key)
         return queue, keys
 
@@ -181,8 +237,10 @@ class _Stage0Mixin:
 class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
     """Evolution with the s3 operators but no predictor (the ablation): every child is truly evaluated.
 
-    After stage 0, each generation of `k` children comes from tournament-selected parents among all
-    evaluated schedules, by mutation (probability 1 − crossover) or crossover.
+    Generation 0 is stage 0: the presets, then `stage0_mutants` mutations of the best results. Each later
+    generation (stage) of `k` children comes from tournament-selected parents among all results of the
+    earlier generations, by mutation (probability 1 − crossover) or crossover. A generation is planned
+    whole once every trial of the previous one has finished.
     """
 
     algorithm = "evolution"
@@ -208,41 +266,79 @@ class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
         unknown = [p for p in stage0_presets if p not in PRESETS]
         if unknown:
             raise SolversearchError(f"stage0_presets: unknown presets {unknown}")
-        # Resuming: presets already evaluated are skipped, and so are the stage-0 mutants already made.
-        self.queue, preset_keys = self._stage0_queue(stage0_presets, grids)
-        made = sum(1 for o in self.observations if o.stage == 0 and o.key not in preset_keys)
-        self.mutants_left = max(0, stage0_mutants - made)
-        self.stage = max((o.stage for o in self.observations), default=0)
-        self.in_stage = sum(1 for o in self.observations if o.stage == self.stage) if self.stage > 0 else 0
+        self.queue, self.preset_keys = self._stage0_queue(stage0_presets, grids)
+        # Resuming: the presets already evaluated are skipped, and the search re-plans its last stage
+        # (from the results of the stages before it, so identically) and skips what was evaluated.
+        last = max((o.stage for o in self.observations if self._own(o)), default=0)
+        self.stage = max(0, last - 1)  # the stage planned last: the next plan is `last`
+        self.mutants_planned = last > 0
+        self.finished = False
 
     def _propose(self):
-        if self.queue:
-            return self.queue.pop(0)
-        if self.mutants_left > 0:
+        while not self.finished:
+            proposal = self._next_unknown(self.queue)
+            if proposal is not None:
+                return proposal
             if self.pending:
-                return None  # the mutants need the presets' results
-            self.mutants_left -= 1
-            parents = self.best_observations(3)
-            proposal = self._unique_variant(lambda: self.ops.mutate(parents[int(self.rng.integers(len(parents)))].schedule, self.rng), 0)
-            return proposal if proposal is not None else self._propose()
-        if self.stage == 0:
-            self.stage = 1
-        if self.in_stage >= self.k:
-            self.stage, self.in_stage = self.stage + 1, 0
-        self.in_stage += 1
-        proposal = self._unique_variant(self._child, self.stage)
-        return proposal if proposal is not None else Searcher.FINISHED
+                return None  # generation barrier: the next plan needs every result of this one
+            plan = self._plan_next()
+            if plan is None:
+                self.finished = True
+            else:
+                self.queue = plan
+        return Searcher.FINISHED
 
-    def _child(self) -> SolverSchedule:
-        a = self._select()
+    def _plan_next(self) -> list[Proposal] | None:
+        """The next generation's proposals; None when no new schedule can be found."""
+        if not self.mutants_planned:
+            self.mutants_planned = True
+            return self._plan_mutants()
+        self.stage += 1
+        return self._plan_stage() or None
+
+    def _plan_mutants(self) -> list[Proposal]:
+        """Stage 0's mutants of the best presets and known results. Earlier mutants are left out of the
+        parents: a search resumed among them must breed the same ones."""
+        known = _canonical(o for o in self.observations if not self._own(o) or (o.stage == 0 and o.key in self.preset_keys))
+        self.rng = self._generation_rng(0)
+        taken = {o.key for o in known} | self.preset_keys
+        parents = _best(known, 3) or known[:3]
+        plan = []
+        for _ in range(self.stage0_mutants if parents else 0):
+            proposal = self._unique_variant(
+                lambda: self.ops.mutate(parents[int(self.rng.integers(len(parents)))].schedule, self.rng), 0, taken
+            )
+            if proposal is not None:
+                plan.append(proposal)
+        return plan
+
+    def _planning_set(self, stage: int) -> list[Observation]:
+        """What generation `stage` is planned from, in canonical order: every result of the earlier
+        stages and every known result not this searcher's (the baseline pool)."""
+        return _canonical(o for o in self.observations if not self._own(o) or o.stage < stage)
+
+    def _plan_stage(self) -> list[Proposal]:
+        self.rng = self._generation_rng(self.stage)
+        known = self._planning_set(self.stage)
+        pool = [o for o in known if math.isfinite(o.value)] or known
+        taken = {o.key for o in known} | self.preset_keys
+        plan: list[Proposal] = []
+        while pool and len(plan) < self.k:
+            proposal = self._unique_variant(lambda: self._child(pool), self.stage, taken)
+            if proposal is None:
+                break
+            plan.append(proposal)
+        return plan
+
+    def _child(self, pool: list[Observation]) -> SolverSchedule:
+        a = self._select(pool)
         if self.rng.random() < self.crossover_rate:
-            return self.ops.crossover(a, self._select(), self.rng)
+            return self.ops.crossover(a, self._select(pool), self.rng)
         return self.ops.mutate(a, self.rng, strength=int(self.rng.integers(1, 3)))
 
-    def _select(self) -> SolverSchedule:
-        pool = [o for o in self.observations if math.isfinite(o.value)] or self.observations
+    def _select(self, pool: list[Observation]) -> SolverSchedule:
         contenders = [pool[int(i)] for i in self.rng.integers(len(pool), size=min(self.tournament, len(pool)))]
-        best = min(contenders, key=lambda o: o.value)
+        best = min(contenders, key=lambda o: (o.value, o.key))
         return self._into_space(best.schedule)
 
     def _into_space(self, schedule: SolverSchedule) -> SolverSchedule:
@@ -271,27 +367,17 @@ class S3Searcher(EvolutionSearcher):
     ):
         super().__init__(space, nfe, noise, **kwargs)
         self.pool, self.population, self.predictor_kind, self.explore = pool, population, predictor, explore
-        self.stage_queue: list[_Proposal] = []
         self.kendall_taus: dict[int, float] = {}  # stage → held-out τ of the predictor that planned it
 
-    def _propose(self):
-        if self.queue or self.mutants_left > 0:
-            return super()._propose()
-        if not self.stage_queue:
-            if self.pending:
-                return None  # stage barrier: the next stage trains on this stage's results
-            self.stage = max(self.stage, 0) + 1
-            self.stage_queue = self._plan_stage()
-            if not self.stage_queue:
-                return Searcher.FINISHED
-        return self.stage_queue.pop(0)
-
-    def _plan_stage(self) -> list[_Proposal]:
+    def _plan_stage(self) -> list[Proposal]:
         from ..predictor import GradientBoostingPredictor, RankingPredictor, kendall_tau
 
         started = time.perf_counter()
-        schedules = [o.schedule for o in self.observations]
-        values = [o.value for o in self.observations]
+        self.rng = self._generation_rng(self.stage)
+        known = self._planning_set(self.stage)  # canonical order: the split and the fits do not depend on arrival
+        taken = {o.key for o in known} | self.preset_keys
+        schedules = [o.schedule for o in known]
+        values = [o.value for o in known]
         kind = RankingPredictor if self.predictor_kind == "ranking" else GradientBoostingPredictor
 
         def fit(indices):
@@ -306,36 +392,36 @@ class S3Searcher(EvolutionSearcher):
             predicted = fit(train).predict([schedules[i] for i in held_out])
             self.kendall_taus[self.stage] = kendall_tau(predicted, _finite_or_large([values[i] for i in held_out]))
         model = fit(range(len(schedules)))
-        candidates = self._evolve(model)
-        chosen: list[_Proposal] = []
-        n_explore = int(round(self.explore * self.k))
+        candidates = self._evolve(model, known)
+        chosen: list[Proposal] = []
+        n_explore = round(self.explore * self.k)
         for schedule, _score in candidates:
             if len(chosen) >= self.k - n_explore:
                 break
-            proposal = self._new(schedule, self.stage)
-            if proposal is not None and proposal.key not in {p.key for p in chosen} and self._diverse(schedule, chosen):
-                chosen.append(proposal)
+            if self.ops.key(schedule) not in taken and self._diverse(schedule, chosen):
+                chosen.append(self._take(schedule, self.stage, taken))
         # A few plain mutations of the true best keep the search honest where the predictor is wrong.
-        parents = self.best_observations(max(3, self.k))
+        parents = _best(known, max(3, self.k))
         while len(chosen) < self.k and parents:
             parent = parents[int(self.rng.integers(len(parents)))].schedule
-            proposal = self._unique_variant(lambda parent=parent: self.ops.mutate(self._into_space(parent), self.rng), self.stage)
+            proposal = self._unique_variant(
+                lambda parent=parent: self.ops.mutate(self._into_space(parent), self.rng), self.stage, taken
+            )
             if proposal is None:
                 break
-            if proposal.key not in {p.key for p in chosen}:
-                chosen.append(proposal)
+            chosen.append(proposal)
         self.timings["predictor_seconds"] += time.perf_counter() - started
         return chosen
 
-    def _evolve(self, model) -> list[tuple[SolverSchedule, float]]:
+    def _evolve(self, model, known: list[Observation]) -> list[tuple[SolverSchedule, float]]:
         """Predictor-scored evolution from the best evaluated schedules; returns candidates best first."""
-        seeds = [self._into_space(o.schedule) for o in self.best_observations(self.population // 2)]
+        seeds = [self._into_space(o.schedule) for o in _best(known, self.population // 2)]
         population = seeds + [self.ops.random(self.rng) for _ in range(self.population - len(seeds))]
         scores = list(model.predict(population))
         seen = {self.ops.key(s) for s in population}
         generations = max(1, self.pool // self.population)
         for _ in range(generations):
-            order = np.argsort(scores)
+            order = np.argsort(scores, kind="stable")
             parents = [population[i] for i in order[: max(2, self.population // 2)]]
             children = []
             for _ in range(self.population):
@@ -356,7 +442,7 @@ class S3Searcher(EvolutionSearcher):
             population = [p for _, p in merged[: self.population * 4]]
         return [(p, s) for s, p in sorted(zip(scores, population), key=lambda pair: pair[0])]
 
-    def _diverse(self, schedule: SolverSchedule, chosen: list[_Proposal], min_distance: float = 0.02) -> bool:
+    def _diverse(self, schedule: SolverSchedule, chosen: list[Proposal], min_distance: float = 0.02) -> bool:
         """Reject a candidate whose decisions equal a chosen one's and whose λ grid is within min_distance."""
         lams = self.ops.noise.lambda_(np.array([t for t in schedule.timesteps if t > 0]))
         for other in chosen:
@@ -454,7 +540,7 @@ class OptunaScheduleSearcher(ScheduleSearcher):
                 self._tell(inner_id, None)  # being evaluated by another trial right now
                 continue
             self.inner_ids[trial_id] = inner_id
-            self.pending[trial_id] = _Proposal(schedule, key, stage=0)
+            self.pending[trial_id] = Proposal(schedule, key, stage=0)
             self.known.add(key)
             return {"schedule": schedule.to_dict(), "key": key, "stage": 0, "algorithm": self.algorithm}
         return Searcher.FINISHED
@@ -575,6 +661,16 @@ def _value(result: Mapping[str, Any], metric: str) -> float:
     if value is None or (isinstance(value, float) and math.isnan(value)) or result.get("diverged"):
         return math.inf
     return float(value)
+
+
+def _canonical(observations: Iterable[Observation]) -> list[Observation]:
+    """Observations in an order that does not depend on when their trials finished."""
+    return sorted(observations, key=lambda o: (o.stage, o.key, o.algorithm, math.inf if math.isnan(o.value) else o.value))
+
+
+def _best(observations: Iterable[Observation], k: int) -> list[Observation]:
+    """The k best finite results, ties broken by key."""
+    return sorted((o for o in observations if math.isfinite(o.value)), key=lambda o: (o.value, o.key))[:k]
 
 
 def _finite_or_large(values: Sequence[float]) -> list[float]:
