@@ -35,6 +35,7 @@ class BaselineRow:
     error_to_reference: float | None
     diverged: bool
     seconds: float
+    teacher_distance: float | None = None
 
     def to_dict(self) -> dict:
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
@@ -74,7 +75,7 @@ def run_baselines(
                 result = evaluator.evaluate(presets.build(solver, noise, nfe, grid))
                 row = BaselineRow(
                     solver, grid, nfe, result.fid, result.kid, result.kid_std, result.error_to_reference,
-                    result.diverged, result.seconds,
+                    result.diverged, result.seconds, result.teacher_distance,
                 )
                 rows.append(row)
                 if on_row is not None:

@@ -1,9 +1,9 @@
-"""Score a schedule on a model: proxy FID, KID and error to a reference solution, with its cost.
+"""Score a schedule on a model: FID and KID to a reference distribution, distances to the teacher, cost.
 
 Common random numbers: every schedule an Evaluator scores starts from the same x_T (and the same
 conditioning), drawn once from its seed, so differences between schedules are the solvers', not the
-noise's. A schedule that diverges (NaN/inf samples) is a result flagged `diverged` with infinite
-metrics — never an exception that would kill a search.
+noise's. The teacher is the converged solution from that same x_T; its samples are also the floor.
+A schedule that diverges (NaN/inf samples) is a result flagged `diverged` with infinite metrics.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,15 +22,31 @@ from . import presets
 from .errors import SolversearchError
 from .grids import logsnr_uniform
 from .metrics.distances import GaussianStats, error_to_reference, frechet_distance, kernel_inception_distance
-from .metrics.features import BundledDigitsFeatures, FeatureExtractor, IdentityFeatures, TorchScriptFeatures
+from .metrics.features import (
+    BundledDigitsFeatures,
+    FeatureExtractor,
+    IdentityFeatures,
+    TorchScriptFeatures,
+    perceptual_distance,
+)
 from .metrics.reference import ArrayCache, ReferenceFeatures, reference_features
 from .models.spec import ModelHandle
+from .noise import NoiseSchedule
 from .plan import compile_plan
 from .sampler import execute
 from .schedule import SolverSchedule
 
-# The model's own converged distribution (reference for models without data, and the "floor"):
+# The model's own converged distribution (reference for models without data):
 REFERENCE_SOLVER_STEPS = 200
+# Steps of the teacher. UniPC-3 on a λ-uniform grid: 50 steps are within 0.0035 pixel RMS of 400 steps
+# on the bundled digits model, where the best 5-NFE preset is 0.09 away (tests/test_evaluator.py).
+TEACHER_STEPS = 50
+
+# The metrics every evaluation reports (what a trial stores), lower is better for each.
+METRIC_NAMES = ("fid", "kid", "kid_std", "teacher_distance", "error_to_reference")
+
+# (what is being built, done, total): progress of the reference statistics and the teacher
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -43,8 +60,13 @@ class EvaluationSettings:
     inception_path: str | None = None
     kid_subsets: int = 20
     kid_subset_size: int = 500
-    error_to_reference: bool = True
-    reference_steps: int = 100  # steps of the high-accuracy solution for error-to-reference
+    error_to_reference: bool = True  # the teacher distances (feature space and pixels) to the converged solution
+    reference_steps: int = TEACHER_STEPS  # steps of the teacher: the converged solution from the same x_T
+    # Where the reference distribution comes from: None = the model's default (its real data if it has
+    # any, else its own converged samples); "data"; "model"; or a path (image folder, .npz of images,
+    # or pytorch-fid / clean-fid statistics with `mu` and `sigma`).
+    reference: str | None = None
+    reference_n: int | None = None  # samples of the model's own converged distribution (default: n)
 
 
 @dataclass(frozen=True)
@@ -52,7 +74,7 @@ class EvaluationResult:
     fid: float
     kid: float
     kid_std: float
-    error_to_reference: float | None
+    error_to_reference: float | None  # pixel RMS distance to the teacher (rewards blur: never trust it alone)
     diverged: bool
     nfe: int
     n: int
@@ -63,6 +85,7 @@ class EvaluationResult:
     samples_per_second: float
     macs: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher_distance: float | None = None  # perceptual (feature-space) distance to the teacher, mean over samples
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: infinite metrics (a diverged schedule) become None, `diverged` says why."""
@@ -70,15 +93,32 @@ class EvaluationResult:
 
     def metrics(self) -> dict[str, float]:
         values = {"fid": self.fid, "kid": self.kid, "kid_std": self.kid_std}
+        if self.teacher_distance is not None:
+            values["teacher_distance"] = self.teacher_distance
         if self.error_to_reference is not None:
             values["error_to_reference"] = self.error_to_reference
         return values
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What an evaluator needs besides the model, built once by the driver and handed to the workers:
+    the reference statistics and the teacher's samples. An evaluator given one never builds either."""
+
+    reference: ReferenceFeatures
+    teacher: torch.Tensor | None
+
+
 class Evaluator:
     """Evaluates schedules on one model with fixed noise; reference statistics are cached on disk."""
 
-    def __init__(self, model: ModelHandle, settings: EvaluationSettings | None = None, cache: ArrayCache | None = None):
+    def __init__(
+        self,
+        model: ModelHandle,
+        settings: EvaluationSettings | None = None,
+        cache: ArrayCache | None = None,
+        prepared: Prepared | None = None,
+    ):
         self.model = model
         self.settings = settings or EvaluationSettings()
         self.cache = cache or ArrayCache()
@@ -91,9 +131,11 @@ class Evaluator:
             name: torch.randint(0, bank.shape[0], (self.settings.n,), generator=generator)
             for name, bank in model.conditions.items()
         }
-        self._reference: ReferenceFeatures | None = None
+        self.prepared = prepared is not None
+        self._reference: ReferenceFeatures | None = prepared.reference if prepared else None
+        self._teacher: torch.Tensor | None = prepared.teacher if prepared else None
+        self._teacher_layers: list[torch.Tensor] | None = None
         self._batch_size: int | None = None
-        self._solutions: dict[tuple[float, float], torch.Tensor] = {}
 
     # --- public -------------------------------------------------------------------------------
 
@@ -101,26 +143,10 @@ class Evaluator:
         started = time.perf_counter()
         samples = self.sample(schedule)
         sampled = time.perf_counter()
-        diverged = not bool(torch.isfinite(samples).all())
-        if diverged:
-            fid = kid = kid_std = err = math.inf
-        else:
-            reference = self.reference()
-            features = self.features(samples.clamp(-1, 1).to(self.device)).cpu().numpy()
-            fid = frechet_distance(GaussianStats.of(features), reference.stats)
-            kid, kid_std = kernel_inception_distance(
-                features, reference.features, self.settings.kid_subsets, self.settings.kid_subset_size, self.settings.seed
-            )
-            err = None
-            if self.settings.error_to_reference:
-                err = error_to_reference(samples, self.reference_solution(schedule.timesteps[0], schedule.timesteps[-1]))
+        scores = self.score(samples)
         finished = time.perf_counter()
         return EvaluationResult(
-            fid=fid,
-            kid=kid,
-            kid_std=kid_std,
-            error_to_reference=err,
-            diverged=diverged,
+            **scores,
             nfe=schedule.nfe,
             n=self.settings.n,
             seed=self.settings.seed,
@@ -131,9 +157,43 @@ class Evaluator:
             macs=self.macs(schedule),
         )
 
+    def score(self, samples: torch.Tensor) -> dict[str, Any]:
+        """The metrics of n samples from the evaluator's x_T: FID and KID to the reference, and the
+        feature-space and pixel distances to the teacher (when `error_to_reference` is on)."""
+        settings = self.settings
+        if not bool(torch.isfinite(samples).all()):
+            teacher = math.inf if settings.error_to_reference else None
+            return {"fid": math.inf, "kid": math.inf, "kid_std": math.inf, "error_to_reference": teacher,
+                    "teacher_distance": teacher, "diverged": True}
+        reference = self.reference()
+        images = self.images(samples)
+        layers = self._layers(images) if settings.error_to_reference else None
+        features = self._features(images)
+        fid = frechet_distance(GaussianStats.of(features), reference.stats)
+        kid, kid_std = math.nan, math.nan
+        if reference.features is not None:
+            kid, kid_std = kernel_inception_distance(
+                features, reference.features, settings.kid_subsets, settings.kid_subset_size, settings.seed
+            )
+        teacher_distance = err = None
+        if layers is not None:
+            teacher = self.teacher()
+            distances = [perceptual_distance(a, b) for a, b in zip(layers, self._teacher_layers_all())]
+            teacher_distance = float(torch.cat(distances).double().mean())
+            err = error_to_reference(images, self.images(teacher))
+        return {"fid": fid, "kid": kid, "kid_std": kid_std, "error_to_reference": err,
+                "teacher_distance": teacher_distance, "diverged": False}
+
+    def images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples as they are scored and seen: clamped to the model's data range (unbounded data as is)."""
+        if self.model.data_range is None:
+            return samples
+        return samples.clamp(*self.model.data_range)
+
     @torch.no_grad()
-    def sample(self, schedule: SolverSchedule) -> torch.Tensor:
-        """All n samples of `schedule` from the evaluator's fixed x_T (float32, on the CPU)."""
+    def sample(self, schedule: SolverSchedule, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """All n samples of `schedule` from the evaluator's fixed x_T (float32, on the CPU);
+        `on_batch(samples done)` after each batch."""
         plan = compile_plan(schedule, self.model.noise_schedule)
         out = []
         batch_size = self.batch_size
@@ -143,6 +203,8 @@ class Evaluator:
             with self._autocast():
                 x = execute(plan, self._denoiser_for(start, stop), x_T).sample
             out.append(x.float().cpu())
+            if on_batch is not None:
+                on_batch(stop)
         return torch.cat(out)
 
     @property
@@ -180,68 +242,146 @@ class Evaluator:
         costs = getattr(self.denoiser, "unit_costs", None)
         return None if costs is None else float(costs().schedule_cost(schedule))
 
-    def reference(self) -> ReferenceFeatures:
+    def reference(self, on_progress: Progress | None = None) -> ReferenceFeatures:
         """Reference statistics in the metric's feature space (cached on disk)."""
         if self._reference is None:
-            self._reference = self._compute_reference()
+            self._require_unprepared("the reference statistics")
+            self._reference = self._compute_reference(on_progress)
         return self._reference
 
-    def floor(self) -> EvaluationResult:
-        """The metric of the model's own converged distribution: a 200-step solution from the same x_T."""
-        return self.evaluate(self._high_accuracy_schedule(1.0, self.model.noise_schedule.default_t_end(REFERENCE_SOLVER_STEPS), REFERENCE_SOLVER_STEPS))
-
-    def reference_solution(self, t_start: float, t_end: float) -> torch.Tensor:
-        """High-accuracy solution from the same x_T to t_end (cached on disk and in memory)."""
-        key = (t_start, t_end)
-        if key not in self._solutions:
-            cache_key = {
-                "kind": "solution",
+    def teacher(self, on_progress: Progress | None = None) -> torch.Tensor:
+        """The teacher: the converged solution from the evaluator's x_T (`reference_steps` steps of
+        `teacher_schedule`), cached on disk. Every schedule is compared with this one target, whatever
+        its own end time, so the distance measures what a user gets, not what the schedule aimed at."""
+        if self._teacher is None:
+            self._require_unprepared("the teacher solution")
+            steps, n = self.settings.reference_steps, self.settings.n
+            schedule = teacher_schedule(self.model.noise_schedule, steps)
+            key = {
+                "kind": "teacher",
                 "model": self.model.fingerprint,
-                "n": self.settings.n,
+                "n": n,
                 "seed": self.settings.seed,
-                "t_start": t_start,
-                "t_end": t_end,
-                "steps": self.settings.reference_steps,
+                "steps": steps,
+                "schedule": schedule.to_dict(),
+                "conditions": sorted(self.model.conditions),
             }
-            schedule = self._high_accuracy_schedule(t_start, t_end, self.settings.reference_steps)
-            arrays = self.cache.get_or_compute(cache_key, lambda: {"samples": self.sample(schedule).numpy()})
-            self._solutions[key] = torch.from_numpy(arrays["samples"])
-        return self._solutions[key]
+
+            def build() -> dict[str, np.ndarray]:
+                report = (lambda done: on_progress("teacher", done, n)) if on_progress else None
+                return {"samples": self.sample(schedule, on_batch=report).numpy()}
+
+            self._teacher = torch.from_numpy(self.cache.get_or_compute(key, build)["samples"])
+        return self._teacher
+
+    def prepare(self, on_progress: Progress | None = None) -> Prepared:
+        """Build (or read from the cache) everything the workers need, with progress."""
+        reference = self.reference(on_progress)
+        teacher = self.teacher(on_progress) if self.settings.error_to_reference else None
+        return Prepared(reference, teacher)
+
+    def floor(self) -> EvaluationResult:
+        """The metrics of the model's own converged samples: the teacher scored like any schedule."""
+        started = time.perf_counter()
+        teacher = self.teacher()
+        return EvaluationResult(
+            **self.score(teacher),
+            nfe=self.settings.reference_steps,
+            n=self.settings.n,
+            seed=self.settings.seed,
+            seconds=time.perf_counter() - started,
+            sampling_seconds=0.0,
+            metric_seconds=time.perf_counter() - started,
+            samples_per_second=math.inf,
+        )
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _high_accuracy_schedule(self, t_start: float, t_end: float, steps: int) -> SolverSchedule:
-        """UniPC-3 (fourth order) on a λ-uniform grid; a final t = 0 is reached by the denoising step."""
-        noise = self.model.noise_schedule
-        last = t_end if t_end > 0 else noise.default_t_end(steps)
-        times = list(logsnr_uniform(noise, steps, t_start, last))
-        if t_end == 0:
-            times.append(0.0)
-        return presets.unipc(times, p=3, variant="bh2", lower_order_final=False)
+    def _require_unprepared(self, what: str) -> None:
+        if self.prepared:
+            raise SolversearchError(f"{what} was not prepared by the driver; workers only read what it built")
 
-    def _compute_reference(self) -> ReferenceFeatures:
+    def _features(self, images: torch.Tensor) -> np.ndarray:
+        return np.concatenate([
+            self.features(images[i : i + self.batch_size].to(self.device)).cpu().numpy()
+            for i in range(0, images.shape[0], self.batch_size)
+        ])
+
+    def _layers(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Perceptual layers per batch (kept per batch: at most one batch of activations at a time)."""
+        return [
+            [layer.cpu() for layer in self.features.layers(images[i : i + self.batch_size].to(self.device))]
+            for i in range(0, images.shape[0], self.batch_size)
+        ]
+
+    def _teacher_layers_all(self) -> list[list[torch.Tensor]]:
+        if self._teacher_layers is None:
+            self._teacher_layers = self._layers(self.images(self.teacher()))
+        return self._teacher_layers
+
+    def _compute_reference(self, on_progress: Progress | None = None) -> ReferenceFeatures:
+        """`settings.reference`: None = the model's data if it has any, else its own converged samples;
+        "data"; "model"; or a path (metrics/sources.py). The keywords win over folders of that name."""
         model, settings = self.model, self.settings
         feature_name = settings.features or model.default_features
-        if model.exact_reference is not None and feature_name == "identity":
+        exact = model.exact_reference is not None and feature_name == "identity"
+        source = settings.reference
+        if source is None:
+            source = "data" if exact or model.reference_data is not None else "model"
+        if source == "model":
+            return self._model_reference(on_progress)
+        if source != "data":
+            from .metrics.sources import reference_from_path
+
+            dimension = self._features(torch.zeros((1, *model.sample_shape))).shape[1]
+            return reference_from_path(
+                source, channels=model.sample_shape[0], dimension=dimension,
+                features=self._batched_features, cache=self.cache, key={"features": self.features.identity},
+            )
+        if exact:
             mean, cov = model.exact_reference()
             samples = model.reference_data() if model.reference_data else None
             features = None if samples is None else self.features(samples).cpu().numpy()
-            return ReferenceFeatures(GaussianStats(mean, cov, n=10**9), features)
-        key = {"features": self.features.identity, "model": model.fingerprint}
-        if model.reference_data is not None:
-            key["source"] = "data"
-            return reference_features(self.cache, key, lambda: self._batched_features(model.reference_data()))
-        key.update(source="model", steps=REFERENCE_SOLVER_STEPS, n=settings.n, seed=2**31 - 1)
-        schedule = self._high_accuracy_schedule(1.0, model.noise_schedule.default_t_end(REFERENCE_SOLVER_STEPS), REFERENCE_SOLVER_STEPS)
-        reference_evaluator = Evaluator(model, _replace_seed(settings, 2**31 - 1), self.cache)
-        return reference_features(self.cache, key, lambda: self._batched_features(reference_evaluator.sample(schedule)))
+            return ReferenceFeatures(GaussianStats(mean, cov, n=10**9), features, f"the exact moments of {model.spec}")
+        if model.reference_data is None:
+            raise SolversearchError(
+                f"{model.spec} has no data of its own: metric.reference 'data' (--reference data) needs a path "
+                "instead: the dataset's statistics (.npz with mu and sigma), an image folder or an .npz of images"
+            )
+        key = {"features": self.features.identity, "model": model.fingerprint, "source": "data"}
+        reference = reference_features(self.cache, key, lambda: self._batched_features(model.reference_data()))
+        return ReferenceFeatures(reference.stats, reference.features, f"real data: {reference.stats.n:,} images ({model.spec})")
+
+    def _model_reference(self, on_progress: Progress | None = None) -> ReferenceFeatures:
+        """The model's own converged distribution: `reference_n` (default n) samples of the 200-step
+        solution from a seed no evaluation uses. With no more samples than feature dimensions their
+        covariance is singular, and a Fréchet distance to it meaningless: an error."""
+        from dataclasses import replace
+
+        model, settings = self.model, self.settings
+        n = settings.reference_n or settings.n
+        dimension = self._features(torch.zeros((1, *model.sample_shape))).shape[1]
+        if n <= dimension:
+            message = (
+                f"the model's own reference needs more samples than the {dimension} feature dimensions (it has "
+                f"n = {n}): set metric.reference_n (--reference-n) ≥ {dimension + 1}, or give metric.reference "
+                "(--reference): a dataset's statistics (.npz with mu and sigma) or its images"
+            )
+            raise SolversearchError(message)
+        seed = 2**31 - 1
+        key = {"features": self.features.identity, "model": model.fingerprint, "source": "model",
+               "steps": REFERENCE_SOLVER_STEPS, "n": n, "seed": seed}
+        schedule = teacher_schedule(model.noise_schedule, REFERENCE_SOLVER_STEPS)
+        reference_evaluator = Evaluator(model, replace(settings, n=n, seed=seed, error_to_reference=False), self.cache)
+        report = (lambda done: on_progress("reference: the model's converged samples", done, n)) if on_progress else None
+        reference = reference_features(
+            self.cache, key, lambda: self._batched_features(reference_evaluator.sample(schedule, on_batch=report))
+        )
+        description = f"the model's own converged samples: {REFERENCE_SOLVER_STEPS} steps, n={n:,}"
+        return ReferenceFeatures(reference.stats, reference.features, description)
 
     def _batched_features(self, images: torch.Tensor) -> np.ndarray:
-        chunks = [
-            self.features(images[i : i + self.batch_size].to(self.device).clamp(-1, 1)).cpu().numpy()
-            for i in range(0, images.shape[0], self.batch_size)
-        ]
-        return np.concatenate(chunks)
+        return self._features(self.images(images))
 
     def _feature_extractor(self) -> FeatureExtractor:
         name = self.settings.features or self.model.default_features
@@ -273,7 +413,10 @@ class Evaluator:
         return contextlib.nullcontext()
 
 
-def _replace_seed(settings: EvaluationSettings, seed: int) -> EvaluationSettings:
-    from dataclasses import replace
 
-    return replace(settings, seed=seed, error_to_reference=False)
+def teacher_schedule(noise: NoiseSchedule, steps: int) -> SolverSchedule:
+    """The converged solution: UniPC-3 (fourth order, no lower-order final steps) on a λ-uniform grid
+    from the start of the noise schedule to its usual end for that many steps."""
+    times = logsnr_uniform(noise, steps, noise.t_max, noise.default_t_end(steps))
+    schedule = presets.unipc(list(times), p=3, variant="bh2", lower_order_final=False)
+    return schedule.with_metadata(name=f"teacher/unipc_3_bh2/logsnr/{steps}", noise_schedule=noise.to_dict())

@@ -36,6 +36,9 @@ class ModelHandle:
     exact_reference: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
     # Per-sample conditioning bank (e.g. prompt embeddings) the evaluator draws from with its seed.
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The range of the model's data: images are clamped to it before they are scored (a user sees
+    # clamped pixels). None for unbounded data such as the mixture, whose exact moments are unclamped.
+    data_range: tuple[float, float] | None = (-1.0, 1.0)
 
     @property
     def noise_schedule(self):
@@ -73,6 +76,7 @@ def _gmm_digits() -> ModelHandle:
         default_features="identity",
         reference_data=lambda: model.sample_data(10_000, torch.Generator().manual_seed(2**31 - 1)).float(),
         exact_reference=exact,
+        data_range=None,
     )
 
 
