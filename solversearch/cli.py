@@ -108,6 +108,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
     p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
     p.add_argument("--no-error-to-reference", action="store_true", help="skip the high-accuracy reference solution")
+    p.add_argument("--reference", help="what FID/KID compare with: 'data', 'model', an image folder, an .npz of images, "
+                   "or pytorch-fid / clean-fid statistics (.npz with mu, sigma); default: the model's data, else 'model'")
+    p.add_argument("--reference-n", type=_positive_int, help="samples of the model's own reference (default: --n)")
 
 
 def _evaluator(args: argparse.Namespace):
@@ -123,6 +126,8 @@ def _evaluator(args: argparse.Namespace):
         features=args.features,
         inception_path=args.inception,
         error_to_reference=not args.no_error_to_reference,
+        reference=args.reference,
+        reference_n=args.reference_n,
     )
     return Evaluator(load_model(args.model, args.device), settings)
 
@@ -182,11 +187,12 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
 
         rows = run_baselines(evaluator, args.nfe, solvers, grids, on_row=advance)
     for nfe in args.nfe:
-        table = Table("rank", "solver", "grid", "proxy FID", "KID×1e3", "err→ref", title=f"NFE {nfe} — {args.model}, n={args.n}")
+        table = Table("rank", "solver", "grid", "FID", "KID×1e3", "teacher distance", "teacher RMSE px",
+                      title=f"NFE {nfe} — {args.model}, n={args.n}")
         ranked = sorted((r for r in rows if r.nfe == nfe), key=lambda r: r.fid)
         for rank, row in enumerate(ranked[: args.top], start=1):
-            err = "–" if row.error_to_reference is None else f"{row.error_to_reference:.4f}"
-            table.add_row(str(rank), row.solver, row.grid, f"{row.fid:.3f}", f"{row.kid * 1e3:.2f}", err)
+            table.add_row(str(rank), row.solver, row.grid, _fmt(row.fid), _fmt(row.kid * 1e3, digits=3),
+                          _fmt(row.teacher_distance), _fmt(row.error_to_reference))
         console.print(table)
     for path in write_report(rows, evaluator, Path(args.out)):
         console.print(f"wrote {path}")
@@ -253,40 +259,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
 
+    from .progress import SearchProgress
     from .search.experiment import load_experiment
     from .search.runner import run_search
+    from .search.searchers import ALGORITHMS
 
     experiment = load_experiment(args.experiment).override(
         nfe=args.nfe, budget=args.budget, algorithm=args.algorithm, storage_url=args.storage, study=args.study
     )
-    from .search.searchers import ALGORITHMS
-
     if experiment.algorithm not in ALGORITHMS:
         raise SolversearchError(f"unknown algorithm {experiment.algorithm!r}; expected one of {list(ALGORITHMS)}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=130)  # logs and pipes: keep the result table readable
-    budget = experiment.budget.evaluations
-    status = {"recorded": 0, "best": float("inf"), "stage": 0, "tau": {}}
-
-    def panel() -> Table:
-        table = Table(show_header=False, title=f"{experiment.study_name}: {experiment.algorithm}, NFE {experiment.nfe}")
-        table.add_row("evaluations (this run)", f"{status['recorded']} / ≤{budget}")
-        table.add_row(f"best {experiment.metric.name}", f"{status['best']:.4f}")
-        table.add_row("stage", str(status["stage"]))
-        if status["tau"]:
-            table.add_row("predictor τ per stage", ", ".join(f"{k}: {v:.2f}" for k, v in sorted(status["tau"].items())))
-        return table
-
-    with Live(panel(), console=console, refresh_per_second=2, transient=True) as live:
-        def update(new_status):
-            status.update(new_status)
-            live.update(panel())
-
-        outcome = run_search(experiment, address=args.address, on_update=update, validate=not args.no_validation,
+    title = f"{experiment.study_name}: {experiment.algorithm}, NFE {experiment.nfe}"
+    with SearchProgress(console, title, experiment.metric.name) as progress:
+        outcome = run_search(experiment, address=args.address, on_update=progress, validate=not args.no_validation,
                              export_dir=Path(args.out))
     _print_outcome(console, experiment, outcome)
     return 0
@@ -296,34 +285,62 @@ def _print_outcome(console, experiment, outcome) -> None:
     from rich.table import Table
 
     from .schedule import describe
+    from .search.report import REPORT_METRICS
 
+    report = outcome.report
     metric = experiment.metric.name
-    n_check = experiment.metric.n * experiment.validation_factor
-    from .search.report import SELECTION_SEED_OFFSET
-
-    select_seed = experiment.metric.seed + SELECTION_SEED_OFFSET
-    table = Table("", "schedule", "NFE", f"{metric}\nsearch", f"{metric}\nselection", f"{metric}\nvalidation",
-                  "GMACs\n/sample", "ms\n/sample",
-                  title=f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.new_evaluations} new)",
-                  caption=f"search: seed {experiment.metric.seed}, n={experiment.metric.n} · selection: best of the top "
-                          f"{experiment.validation_top} on seed {select_seed}, n={n_check} · validation: seed "
-                          f"{experiment.validation_seed}, n={n_check}")
-
-    def value(result):
-        return "–" if result is None else f"{result.metrics().get(metric, float('nan')):.4f}"
-
-    for row in outcome.report:
-        ms = "–" if row.validated is None else f"{1000.0 / row.validated.samples_per_second:.2f}"
+    searched = outcome.evaluations - outcome.baseline_evaluations
+    heading = (f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines, "
+               f"{searched} searched; {outcome.new_evaluations} new)")
+    names = {"fid": "FID", "kid": "KID", "teacher_distance": "teacher\ndistance", "error_to_reference": "teacher\nRMSE px"}
+    validated = bool(report.validation_seeds)
+    seeds = report.validation_seeds
+    caption = (f"search: seed {experiment.metric.seed}, n={experiment.metric.n}"
+               + (f" · selection: best of the top {experiment.validation_top} on seed {report.selection_seed}, n={report.n}"
+                  f" · validation: mean over seeds {seeds[0]}–{seeds[-1]}, n={report.n} · FID/KID against "
+                  f"{report.reference}" if validated else ""))
+    table = Table("", "schedule", "NFE", f"{metric}\nsearch", *( [f"{metric}\nselection"] if validated else []),
+                  *([names[m] for m in REPORT_METRICS] if validated else []), "GMACs\n/sample", "ms\n/sample",
+                  title=heading, caption=caption)
+    for row in report.rows:
+        ms = "–" if not row.validation else f"{1000.0 / row.validation[0].samples_per_second:.2f}"
         macs = row.stored.cost.get("macs")
-        table.add_row(row.label, row.stored.schedule.name, str(row.stored.schedule.nfe),
-                      f"{row.stored.metrics.get(metric, float('nan')):.4f}", value(row.selection), value(row.validated),
-                      "–" if macs is None else f"{macs / 1e9:.3f}", ms)
+        cells = [row.label, row.stored.schedule.name, str(row.stored.schedule.nfe), _fmt(row.stored.metrics.get(metric))]
+        if validated:
+            cells.append(_fmt(row.selection.metrics().get(metric)))
+            cells += [_fmt(row.mean(m)) for m in REPORT_METRICS]
+        cells += ["–" if macs is None else f"{macs / 1e9:.3f}", ms]
+        table.add_row(*cells)
+    if report.floor:
+        table.add_row("converged (floor)", "teacher: UniPC-3 on a λ-uniform grid", str(report.floor[0].nfe), "–", "–",
+                      *[_fmt(report.floor_mean(m)) for m in REPORT_METRICS], "–", "–")
     console.print(table)
+    if report.comparisons:
+        paired = Table("metric", "searched", "best baseline", "floor", "difference (95% CI)", "verdict", "excess left",
+                       title=f"searched − best baseline, paired over {len(seeds)} validation seeds",
+                       caption="excess left = (searched − floor) / (baseline − floor); ≤ 0.5 removes half the baseline's excess")
+        for m, difference in report.comparisons.items():
+            paired.add_row(names[m].replace("\n", " "), _fmt(difference.mean_a), _fmt(difference.mean_b),
+                           _fmt(report.floor_mean(m)),
+                           f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
+                           f"{_fmt(difference.high, signed=True)}]",
+                           difference.verdict, _fmt(report.excess_left(m), digits=2))
+        console.print(paired)
     if outcome.best is not None:
         for line in describe(outcome.best.schedule):
             console.print("  " + line, markup=False, highlight=False)
     if outcome.exported is not None:
         console.print(f"wrote {outcome.exported}")
+
+
+def _fmt(value, signed: bool = False, digits: int = 4) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:+.{digits}g}" if signed else f"{value:.{digits}g}"
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
@@ -386,11 +403,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if len(ranked) < args.rank:
         raise SolversearchError(f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {args.rank}")
     chosen = ranked[args.rank - 1]
+    validation = store.get_attr("validation", {}) or {}
+    searched = validation.get("rows", {}).get("searched", {})
+    # The search's own winner carries its paired comparison with the best baseline on fresh seeds.
+    comparison = validation.get("comparison") if searched.get("trial") == chosen.number else None
     schedule = chosen.schedule.with_metadata(
         metrics=chosen.metrics,
         model_fingerprint=store.description.get("model_fingerprint"),
         provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm, "rank": args.rank,
-                    "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type")},
+                    "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type"),
+                    **({"comparison": comparison} if comparison else {})},
     )
     out = Path(args.out)
     if args.format == "solversearch":

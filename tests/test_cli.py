@@ -26,10 +26,11 @@ def test_baselines_ranks_presets_and_writes_the_report(capsys, tmp_path):
             "--solvers", "ddim,dpmpp_2m,unipc_3_bh2", "--grids", "logsnr,trailing"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "NFE 4" in out and "NFE 6" in out and "proxy FID" in out
+    assert "NFE 4" in out and "NFE 6" in out and "FID" in out and "teacher" in out
     rows = json.loads((tmp_path / "baselines.json").read_text())
     assert len(rows) == 2 * 2 * 3
-    assert set(rows[0]) == {"solver", "grid", "nfe", "fid", "kid", "kid_std", "error_to_reference", "diverged", "seconds"}
+    assert set(rows[0]) == {"solver", "grid", "nfe", "fid", "kid", "kid_std", "error_to_reference", "teacher_distance",
+                            "diverged", "seconds"}
     assert (tmp_path / "metric_vs_nfe.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
 
 

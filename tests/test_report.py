@@ -1,14 +1,18 @@
-"""The final report's rows: which stored evaluations stand for the search, its pruning, and the baselines."""
+"""The final report: which stored evaluations stand for the search, its pruning and the baselines, and
+the paired comparison of the winner with the best baseline on fresh seeds."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
 
 from solversearch import DiscreteVP, presets
-from solversearch.search.experiment import load_experiment
 from solversearch.search import report
+from solversearch.search.experiment import load_experiment
 from solversearch.search.report import final_report
 from solversearch.search.storage import StoredEvaluation
 
@@ -30,34 +34,82 @@ def test_a_search_that_pruned_reports_its_best_pruned_schedule_beside_its_winner
     baseline = presets.build("ddim", NOISE, 5, "logsnr")  # named "ddim/logsnr/nfe5" by build
     history = [stored(0, 0.9, baseline, stage=0), stored(1, 0.5, unpruned), stored(2, 0.6, pruned),
                stored(3, float("inf"), pruned)]
-    rows = {row.label: row.stored.number for row in final_report(experiment, None, history, validate=False)}
+    rows = {row.label: row.stored.number for row in final_report(experiment, None, history, validate=False).rows}
     assert rows == {"searched": 1, "best pruned": 2, "best baseline": 0}
 
 
 def test_a_search_without_pruning_has_no_pruned_row():
     experiment = replace(load_experiment(REPO / "experiments" / "digits.yaml"), compare=())
     history = [stored(1, 0.5, replace(presets.build("dpmpp_2m", NOISE, 5, "logsnr"), name=""))]
-    assert [row.label for row in final_report(experiment, None, history, validate=False)] == ["searched"]
+    assert [row.label for row in final_report(experiment, None, history, validate=False).rows] == ["searched"]
+
+
+class FakeEvaluator:
+    """Scores from a table instead of samples: metric value = table[schedule name] + per-seed noise that is
+    the same for every schedule (common random numbers), large against the differences."""
+
+    calls: ClassVar[list[tuple[int, str]]] = []
+    table: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, model, settings):
+        self.seed = settings.seed
+
+    def prepare(self, on_progress=None):
+        return None
+
+    def reference(self):
+        return SimpleNamespace(description="test data")
+
+    def _result(self, value: float):
+        metrics = {"fid": value, "kid": value / 10, "teacher_distance": 2 * value, "error_to_reference": 0.1}
+        return SimpleNamespace(metrics=lambda: metrics, nfe=5, samples_per_second=1.0, to_dict=lambda: metrics)
+
+    def evaluate(self, schedule):
+        FakeEvaluator.calls.append((self.seed, schedule.decisions_key()))
+        return self._result(self.table[schedule.name] + self.noise())
+
+    def floor(self):
+        return self._result(self.noise())
+
+    def noise(self) -> float:
+        return 10.0 * self.seed + 0.01 * (self.seed % 2)
 
 
 def test_a_schedule_in_several_rows_is_scored_once_per_seed(monkeypatch):
     """The best pruned schedule is also the winner here: it must not be re-sampled for the second row."""
-    evaluated: list[tuple[int, str]] = []
-
-    class CountingEvaluator:
-        def __init__(self, model, settings):
-            self.seed = settings.seed
-
-        def evaluate(self, schedule):
-            evaluated.append((self.seed, schedule.decisions_key()))
-            return SimpleNamespace(metrics=lambda: {"fid": 1.0})
-
-    monkeypatch.setattr(report, "Evaluator", CountingEvaluator)
+    monkeypatch.setattr(report, "Evaluator", FakeEvaluator)
+    FakeEvaluator.calls = []
     experiment = replace(load_experiment(REPO / "experiments" / "digits_autodiffusion.yaml"), compare=())
-    base = replace(presets.build("dpmpp_2m", NOISE, 5, "logsnr"), name="")
+    base = replace(presets.build("dpmpp_2m", NOISE, 5, "logsnr"), name="searched")
     pruned = replace(base, steps=(replace(base.steps[0], skip=("mid_block.resnets.0",)), *base.steps[1:]))
+    FakeEvaluator.table = {"searched": 0.5, "ddim/logsnr/nfe5": 0.9}
     history = [stored(0, 0.9, presets.build("ddim", NOISE, 5, "logsnr"), stage=0), stored(1, 0.5, pruned)]
-    rows = final_report(experiment, None, history, validate=True)
-    assert [row.label for row in rows] == ["searched", "best pruned", "best baseline"]
-    assert rows[0].stored.number == rows[1].stored.number == 1
-    assert len(evaluated) == len(set(evaluated)) == 4  # two schedules × (selection, validation)
+    result = final_report(experiment, None, history, validate=True)
+    assert [row.label for row in result.rows] == ["searched", "best pruned", "best baseline"]
+    assert result.rows[0].stored.number == result.rows[1].stored.number == 1
+    seeds = len(experiment.validation_seeds)
+    assert len(FakeEvaluator.calls) == len(set(FakeEvaluator.calls)) == 2 * (1 + seeds)  # (selection + seeds) × 2
+
+
+def test_the_winner_is_compared_with_the_best_baseline_paired_over_the_validation_seeds(monkeypatch):
+    """Per-seed noise (10 × seed) dwarfs the difference (0.2) but is shared: the paired difference is exactly
+    −0.2 on every seed, significant; the pixel distance is equal on every seed: no significant difference."""
+    monkeypatch.setattr(report, "Evaluator", FakeEvaluator)
+    FakeEvaluator.calls = []
+    experiment = replace(load_experiment(REPO / "experiments" / "digits.yaml"), compare=())
+    searched = replace(presets.build("dpmpp_2m", NOISE, 5, "time_quadratic"), name="searched")
+    FakeEvaluator.table = {"searched": 0.3, "ddim/logsnr/nfe5": 0.5, "unipc_2_bh2/logsnr/nfe5": 0.7}
+    history = [stored(0, 0.5, presets.build("ddim", NOISE, 5, "logsnr"), stage=0),
+               stored(1, 0.4, presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), stage=0),
+               stored(2, 0.3, searched)]
+    result = final_report(experiment, None, history, validate=True)
+    assert result.row("best baseline").stored.number == 0  # picked on the selection seed, not the search's
+    fid = result.comparisons["fid"]
+    assert fid.mean == pytest.approx(-0.2) and fid.verdict == "better"
+    assert result.comparisons["error_to_reference"].verdict == "no significant difference"
+    seeds = experiment.validation_seeds
+    assert result.floor_mean("fid") == pytest.approx(sum(10.0 * s + 0.01 * (s % 2) for s in seeds) / len(seeds))
+    assert result.excess_left("fid") == pytest.approx(0.3 / 0.5)
+    record = result.comparison_record()
+    assert record["against"] == "ddim/logsnr/nfe5" and record["validation_seeds"] == list(experiment.validation_seeds)
+    assert record["metrics"]["fid"]["verdict"] == "better" and record["metrics"]["fid"]["excess_left"] == pytest.approx(0.6)

@@ -1,6 +1,6 @@
 """Experiments: model + metric + search space + algorithm + budget + resources + storage, read from YAML.
 
-Relative paths (the space, an Inception file) are resolved against the experiment file's folder.
+Relative paths (the space, an Inception file, a reference) are resolved against the experiment file's folder.
 Command-line overrides (`--nfe`, `--budget`, …) are applied with `Experiment.override`.
 """
 
@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SolversearchError
+from ..evaluator import EvaluationSettings
 from .files import read_yaml
 from .space import SearchSpace, load_space
 
-METRICS = ("fid", "kid", "error_to_reference")
+# Objectives a search may minimise: FID / KID to the reference distribution, the perceptual distance to
+# the teacher (the converged solution from the same x_T) and the pixel RMS distance to it.
+METRICS = ("fid", "kid", "teacher_distance", "error_to_reference")
+SELECTION_SEED_OFFSET = 1000  # the selection seed is the search seed + this
 
 
 class ExperimentError(SolversearchError):
@@ -30,8 +34,11 @@ class MetricConfig:
     batch_size: int = 500
     features: str | None = None
     inception_path: str | None = None
-    error_to_reference: bool = False
+    error_to_reference: bool = True  # the teacher distances, reported for every evaluation
     mixed_precision: bool = False
+    # "data", "model", or a path: an image folder, an .npz of images, or pytorch-fid / clean-fid statistics
+    reference: str | None = None
+    reference_n: int | None = None  # samples of the model's own converged distribution (default: n)
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,22 @@ class Experiment:
     storage_url: str | None = None
     study: str | None = None
     ray_address: str | None = None
-    validation_seed: int = 1
+    validation_seed: int = 1  # the first of `validation_count` consecutive validation seeds
+    validation_count: int = 5
     validation_factor: int = 2
     validation_top: int = 8  # candidates re-scored on a fresh selection seed before the winner is chosen
     compare: tuple[str, ...] = ()  # other studies in the same storage whose best schedules the report re-scores
+    # The baseline pool (search/baseline_pool.py): presets and grids ("all" or names), and how many of
+    # the best get every end time and first step the space allows.
+    baselines: Mapping[str, Any] = field(default_factory=lambda: {"presets": "all", "grids": "all", "variants_of": 8})
+
+    @property
+    def selection_seed(self) -> int:
+        return self.metric.seed + SELECTION_SEED_OFFSET
+
+    @property
+    def validation_seeds(self) -> tuple[int, ...]:
+        return tuple(range(self.validation_seed, self.validation_seed + self.validation_count))
 
     @property
     def study_name(self) -> str:
@@ -91,6 +110,23 @@ class Experiment:
         return replace(self, budget=budget, **changes)
 
 
+def evaluation_settings(experiment: Experiment, device: str = "cpu") -> EvaluationSettings:
+    """How the search scores a schedule (a worker may move it to its GPU)."""
+    m = experiment.metric
+    return EvaluationSettings(
+        n=m.n,
+        seed=m.seed,
+        batch_size=m.batch_size,
+        device=device,
+        mixed_precision=m.mixed_precision,
+        features=m.features,
+        inception_path=m.inception_path,
+        error_to_reference=m.error_to_reference,
+        reference=m.reference,
+        reference_n=m.reference_n,
+    )
+
+
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     doc = read_yaml(path, ExperimentError, "experiment")
@@ -104,7 +140,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     if not isinstance(doc, Mapping):
         raise ExperimentError("an experiment must be a mapping")
     known = {"name", "model", "metric", "space", "nfe", "algorithm", "budget", "resources", "storage", "ray", "validation",
-             "objectives", "compare"}
+             "objectives", "compare", "baselines"}
     _no_unknown(doc, known, "")
     for key in ("model", "space", "nfe"):
         if key not in doc:
@@ -122,10 +158,18 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     _positive_int(metric.n, "metric.n")
     if metric.batch_size != 0:
         _positive_int(metric.batch_size, "metric.batch_size")
-    if metric.name == "error_to_reference" and not metric.error_to_reference:
+    if metric.name in ("teacher_distance", "error_to_reference") and not metric.error_to_reference:
         metric = replace(metric, error_to_reference=True)
     if metric.inception_path:
         metric = replace(metric, inception_path=str((base / metric.inception_path).resolve()))
+    if metric.reference is not None and (not isinstance(metric.reference, str) or not metric.reference.strip()):
+        raise ExperimentError(
+            f"metric.reference: must be 'data', 'model' or the path of an image folder or .npz, got {metric.reference!r}"
+        )
+    if metric.reference is not None and metric.reference not in ("data", "model"):  # "./data" is a folder named data
+        metric = replace(metric, reference=str((base / Path(metric.reference).expanduser()).resolve()))
+    if metric.reference_n is not None and _positive_int(metric.reference_n, "metric.reference_n") < 2:
+        raise ExperimentError("metric.reference_n: a reference needs at least 2 samples")
 
     algorithm_doc = doc.get("algorithm", {"name": "s3"})
     if isinstance(algorithm_doc, str):
@@ -149,7 +193,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     ray_doc = _mapping(doc.get("ray", {}) or {}, "ray")
     _no_unknown(ray_doc, {"address"}, "ray.")
     validation_doc = _mapping(doc.get("validation", {}), "validation")
-    _no_unknown(validation_doc, {"seed", "n_factor", "select_top"}, "validation.")
+    _no_unknown(validation_doc, {"seed", "seeds", "n_factor", "select_top"}, "validation.")
 
     from .searchers import ALGORITHMS
 
@@ -159,7 +203,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     objectives = tuple(doc.get("objectives", ()))
     if objectives and (objectives[0] not in METRICS or any(o not in METRICS + ("nfe", "seconds", "macs") for o in objectives)):
         raise ExperimentError(f"objectives: expected a metric followed by nfe / seconds / macs, got {list(objectives)}")
-    return Experiment(
+    return _check_seeds(Experiment(
         name=str(doc.get("name", default_name)),
         model=str(doc["model"]),
         space=space,
@@ -175,11 +219,52 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         storage_url=storage_doc.get("url"),
         study=storage_doc.get("study"),
         ray_address=ray_doc.get("address"),
-        validation_seed=int(validation_doc.get("seed", 1)),
+        validation_seed=_seed(validation_doc.get("seed", 1), "validation.seed"),
+        validation_count=_positive_int(validation_doc.get("seeds", 5), "validation.seeds"),
         validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
         validation_top=_positive_int(validation_doc.get("select_top", 8), "validation.select_top"),
         compare=_names(doc.get("compare", ()), "compare"),
-    )
+        baselines=_baselines(doc.get("baselines", {})),
+    ))
+
+
+def _check_seeds(experiment: Experiment) -> Experiment:
+    """Search, selection and validation noise never overlap: a winner is reported on noise it never saw."""
+    search, selection = experiment.metric.seed, experiment.selection_seed
+    clash = sorted({search, selection} & set(experiment.validation_seeds))
+    if clash:
+        raise ExperimentError(
+            f"validation.seed: the validation seeds {list(experiment.validation_seeds)} include seed {clash[0]}, which "
+            f"the search (metric.seed {search}) or the selection (seed {selection}) uses; pick another validation.seed"
+        )
+    return experiment
+
+
+def _baselines(value: Any) -> dict[str, Any]:
+    from ..grids import GRIDS
+    from ..presets import PRESETS
+
+    doc = _mapping(value or {}, "baselines")
+    _no_unknown(doc, {"presets", "grids", "variants_of"}, "baselines.")
+    chosen = {}
+    for key, known in (("presets", PRESETS), ("grids", GRIDS)):
+        names = doc.get(key, "all")
+        if names != "all":
+            names = _names(names, f"baselines.{key}")
+            unknown = [n for n in names if n not in known]
+            if unknown or not names:
+                raise ExperimentError(f"baselines.{key}: unknown names {unknown}; expected 'all' or some of {sorted(known)}")
+        chosen[key] = names
+    variants = doc.get("variants_of", 8)
+    if isinstance(variants, bool) or not isinstance(variants, int) or variants < 0:
+        raise ExperimentError(f"baselines.variants_of: must be a non-negative integer, got {variants!r}")
+    return {**chosen, "variants_of": variants}
+
+
+def _seed(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ExperimentError(f"{key}: must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:

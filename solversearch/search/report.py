@@ -1,54 +1,123 @@
-"""The end of a search: pick the winners on fresh noise and re-score them on other fresh noise.
+"""The end of a search: pick the winners on fresh noise, then compare them on other fresh noise, paired.
 
-Every candidate of a search was scored on the same noise (seed s), so the minimum over many
-candidates partly fits that noise. The `select_top` best searched schedules, and likewise the best
-baselines, are therefore re-scored on a selection seed; the best there wins; the winners are then
-reported on a third, validation seed. Both use `validation_factor`× the samples of the search.
+Every candidate of a search was scored on the same noise (the search seed), so the minimum over many
+candidates partly fits that noise. The `select_top` best searched schedules, and likewise the best of
+the baseline pool, are therefore re-scored on a selection seed; the best there wins. The winners and
+the teacher (the converged solution: the floor) are then scored on K validation seeds that neither
+saw, and the searched winner is compared with the best baseline per seed: the mean of the paired
+differences, its 95 % confidence interval and a verdict, for every metric — not only the objective.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from ..errors import SolversearchError
 from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
 from ..models.spec import ModelHandle
-from .experiment import Experiment
+from ..statistics import PairedDifference, excess_ratio, paired_difference
+from .baseline_pool import ALGORITHM as BASELINE_POOL
+from .experiment import Experiment, evaluation_settings
 from .storage import StoredEvaluation, open_existing, storage_url
 
-SELECTION_SEED_OFFSET = 1000
+# Every view of quality the report shows side by side, whatever the search optimised.
+REPORT_METRICS = ("fid", "kid", "teacher_distance", "error_to_reference")
+SEARCHED, BEST_BASELINE = "searched", "best baseline"
+
+# (what, done, total): progress of the selection and validation evaluations
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One schedule of the final comparison: as stored, on the selection seed, on the validation seed."""
+    """One schedule of the final comparison: as stored, on the selection seed, on each validation seed."""
 
     label: str
     stored: StoredEvaluation
     selection: EvaluationResult | None
-    validated: EvaluationResult | None
+    validation: tuple[EvaluationResult, ...] = ()
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics().get(metric, math.nan) for r in self.validation]
+
+    def mean(self, metric: str) -> float:
+        values = self.values(metric)
+        return sum(values) / len(values) if values else math.nan
+
+
+@dataclass(frozen=True)
+class Report:
+    """The rows, the floor on the same validation seeds, and the paired comparison of the searched
+    winner with the best baseline (empty without validation)."""
+
+    rows: tuple[ReportRow, ...]
+    floor: tuple[EvaluationResult, ...] = ()
+    comparisons: dict[str, PairedDifference] = field(default_factory=dict)
+    selection_seed: int | None = None
+    validation_seeds: tuple[int, ...] = ()
+    n: int | None = None
+    reference: str = ""
+
+    def row(self, label: str) -> ReportRow | None:
+        return next((r for r in self.rows if r.label == label), None)
+
+    def floor_mean(self, metric: str) -> float:
+        values = [r.metrics().get(metric, math.nan) for r in self.floor]
+        return sum(values) / len(values) if values else math.nan
+
+    def excess_left(self, metric: str) -> float:
+        """(searched − floor) / (best baseline − floor) on the validation means."""
+        searched, baseline = self.row(SEARCHED), self.row(BEST_BASELINE)
+        if searched is None or baseline is None:
+            return math.nan
+        return excess_ratio(searched.mean(metric), baseline.mean(metric), self.floor_mean(metric))
+
+    def comparison_record(self) -> dict:
+        """What the export writes into the winner's provenance."""
+        baseline = self.row(BEST_BASELINE)
+        return {
+            "against": baseline.stored.schedule.name if baseline else None,
+            "validation_seeds": list(self.validation_seeds),
+            "n": self.n,
+            "reference": self.reference,
+            "metrics": {
+                metric: {**difference.to_dict(), "floor": _plain(self.floor_mean(metric)),
+                         "excess_left": _plain(self.excess_left(metric))}
+                for metric, difference in self.comparisons.items()
+            },
+        }
 
 
 def is_baseline(evaluation: StoredEvaluation) -> bool:
-    """Stage-0 presets are the baselines (their names are "<preset>/<grid>/nfe<N>")."""
+    """The baseline pool's evaluations; in studies from before the pool, the stage-0 presets
+    (named "<preset>/<grid>/nfe<N>")."""
     from ..presets import PRESETS
 
+    if evaluation.algorithm == BASELINE_POOL:
+        return True
     return evaluation.stage == 0 and evaluation.schedule.name.split("/")[0] in PRESETS
 
 
 def ranked(history: list[StoredEvaluation], baselines: bool) -> list[StoredEvaluation]:
-    """Finished, non-diverged evaluations of one kind, best stored value first."""
+    """Finished, non-diverged evaluations of one kind, best stored value first (ties by key)."""
     pool = [e for e in history if not e.diverged and math.isfinite(e.values[0]) and is_baseline(e) == baselines]
-    return sorted(pool, key=lambda e: e.values[0])
+    return sorted(pool, key=lambda e: (e.values[0], e.key))
 
 
-def final_report(experiment: Experiment, model: ModelHandle, history: list[StoredEvaluation], validate: bool) -> list[ReportRow]:
+def final_report(
+    experiment: Experiment,
+    model: ModelHandle,
+    history: list[StoredEvaluation],
+    validate: bool,
+    on_progress: Progress | None = None,
+) -> Report:
     """Rows: this search's winner, its best pruned schedule (when it evaluated any), each compared
-    study's winner, and the best baseline of them all."""
+    study's winner, and the best baseline of them all; with `validate`, scored as described above."""
     searched = ranked(history, baselines=False)
     pools: list[tuple[str, list[StoredEvaluation]]] = [
-        ("searched", searched),
+        (SEARCHED, searched),
         ("best pruned", [e for e in searched if any(step.skip for step in e.schedule.steps)]),
     ]
     baselines = ranked(history, baselines=True)
@@ -59,20 +128,45 @@ def final_report(experiment: Experiment, model: ModelHandle, history: list[Store
             continue  # not run yet: nothing to compare with
         pools.append((f"best of {name}", ranked(other, baselines=False)))
         baselines += ranked(other, baselines=True)
-    pools.append(("best baseline", sorted(baselines, key=lambda e: e.values[0])))
+    pools.append((BEST_BASELINE, sorted(baselines, key=lambda e: (e.values[0], e.key))))
     pools = [(label, pool) for label, pool in pools if pool]
     if not validate:
-        return [ReportRow(label, pool[0], None, None) for label, pool in pools]
+        return Report(tuple(ReportRow(label, pool[0], None) for label, pool in pools))
 
-    select = _Scored(Evaluator(model, _settings(experiment, experiment.metric.seed + SELECTION_SEED_OFFSET)))
-    check = _Scored(Evaluator(model, _settings(experiment, experiment.validation_seed)))
+    progress = on_progress or (lambda what, done, total: None)
     metric = experiment.metric.name
-    rows = []
-    for label, pool in pools:
-        scored = [(select(e), e) for e in pool[: experiment.validation_top]]
-        selection, winner = min(scored, key=lambda pair: pair[0].metrics().get(metric, math.inf))
-        rows.append(ReportRow(label, winner, selection, check(winner)))
-    return rows
+    selection_seed = experiment.selection_seed
+    select = _Scored(_evaluator(model, experiment, selection_seed, progress, "selection"))
+    candidates = [(label, pool[: experiment.validation_top]) for label, pool in pools]
+    total, done = sum(len(pool) for _, pool in candidates), 0
+    chosen = []
+    for label, pool in candidates:
+        scored = []
+        for evaluation in pool:
+            scored.append((select(evaluation), evaluation))
+            done += 1
+            progress("selection", done, total)
+        selection, winner = min(scored, key=lambda pair: (pair[0].metrics().get(metric, math.inf), pair[1].key))
+        chosen.append((label, winner, selection))
+
+    seeds = experiment.validation_seeds
+    validation: dict[str, list[EvaluationResult]] = {label: [] for label, _, _ in chosen}
+    floor = []
+    for i, seed in enumerate(seeds):
+        check = _Scored(_evaluator(model, experiment, seed, progress, f"validation seed {seed}"))
+        for label, winner, _ in chosen:
+            validation[label].append(check(winner))
+        floor.append(check.evaluator.floor())
+        progress("validation", i + 1, len(seeds))
+    rows = tuple(ReportRow(label, winner, selection, tuple(validation[label])) for label, winner, selection in chosen)
+    report = Report(rows, tuple(floor), selection_seed=selection_seed, validation_seeds=tuple(seeds),
+                    n=experiment.metric.n * experiment.validation_factor, reference=select.evaluator.reference().description)
+    searched_row, baseline_row = report.row(SEARCHED), report.row(BEST_BASELINE)
+    if searched_row is not None and baseline_row is not None:
+        comparisons = {m: paired_difference(searched_row.values(m), baseline_row.values(m)) for m in REPORT_METRICS
+                       if all(math.isfinite(v) or math.isinf(v) for v in searched_row.values(m) + baseline_row.values(m))}
+        report = replace(report, comparisons=comparisons)
+    return report
 
 
 class _Scored:
@@ -89,12 +183,22 @@ class _Scored:
         return self.results[evaluation.key]
 
 
-def _settings(experiment: Experiment, seed: int) -> EvaluationSettings:
-    from .runner import evaluation_settings
+def _evaluator(model: ModelHandle, experiment: Experiment, seed: int, progress: Progress, what: str) -> Evaluator:
+    """A fresh-noise evaluator with `validation_factor`× the search's samples, its reference and teacher
+    built (with progress) before the first schedule is scored."""
+    evaluator = Evaluator(model, _settings(experiment, seed))
+    evaluator.prepare(lambda built, done, total: progress(f"{what}: {built}", done, total))
+    return evaluator
 
+
+def _settings(experiment: Experiment, seed: int) -> EvaluationSettings:
     return replace(
         evaluation_settings(experiment),
         seed=seed,
         n=experiment.metric.n * experiment.validation_factor,
-        error_to_reference=False,
+        error_to_reference=True,
     )
+
+
+def _plain(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,63 +1,54 @@
 """Run an experiment as a Ray Tune experiment whose trials are persisted in an Optuna study.
 
-The driver rebuilds the searcher from the study (so running the same command again resumes: every
-stored evaluation is kept, none is repeated), lets Ray Tune run the remaining budget on workers, and
-records each finished trial in the study as one complete Optuna trial, from the driver, the moment
-it finishes. At the end the best searched schedule and the best preset baseline are re-evaluated with
-a different seed and more samples, side by side, and the winner is written as `<study>.json`.
+The driver builds the reference statistics and the teacher once (workers only read them), evaluates
+the baseline pool, rebuilds the searcher from the study (so running the same command again resumes:
+every stored evaluation is kept, none is repeated) and lets Ray Tune run the remaining budget on
+workers; each finished trial is recorded from the driver as one complete Optuna trial the moment it
+finishes. At the end the winner and the best baseline are compared on fresh seeds (`report.py`) and
+the winner is written as `<study>.json` with that comparison in its provenance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from ..errors import SolversearchError
-from ..evaluator import EvaluationSettings
+from ..evaluator import METRIC_NAMES, Evaluator, Prepared
 from ..models.spec import ModelHandle, load_model
 from ..schedule import SolverSchedule
+from .baseline_pool import ALGORITHM as BASELINE_POOL
+from .baseline_pool import BaselinePool
 from .encoding import ScheduleEncoding
-from .experiment import Experiment
+from .experiment import Experiment, evaluation_settings
 from .operators import Operators
-from .searchers import Observation, ScheduleSearcher, make_searcher
-from .report import ReportRow, final_report
+from .report import SEARCHED, Report, final_report
+from .searchers import Observation, ScheduleSearcher, drive, make_searcher
 from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
-from .trainable import EvaluationContext, evaluate_trial
+from .trainable import EvaluationContext, evaluate_trial, trial_result
 
 
 @dataclass(frozen=True)
 class SearchOutcome:
     study: str
-    evaluations: int
+    evaluations: int  # in the study: the baseline pool and the searched schedules
+    baseline_evaluations: int
     new_evaluations: int
     best: StoredEvaluation | None
     best_baseline: StoredEvaluation | None
-    report: tuple[ReportRow, ...]
+    report: Report
     exported: Path | None
     seconds: float
-
-
-def evaluation_settings(experiment: Experiment, device: str = "cpu") -> EvaluationSettings:
-    m = experiment.metric
-    return EvaluationSettings(
-        n=m.n,
-        seed=m.seed,
-        batch_size=m.batch_size,
-        device=device,
-        mixed_precision=m.mixed_precision,
-        features=m.features,
-        inception_path=m.inception_path,
-        error_to_reference=m.error_to_reference,
-    )
 
 
 def objectives(experiment: Experiment) -> tuple[str, ...]:
@@ -72,7 +63,10 @@ def study_description(experiment: Experiment, model: ModelHandle) -> dict[str, A
         "model_fingerprint": model.fingerprint,
         "prediction_type": model.denoiser.prediction_type,
         "metric": {"name": experiment.metric.name, "n": experiment.metric.n, "seed": experiment.metric.seed,
-                   "features": experiment.metric.features or model.default_features},
+                   "features": experiment.metric.features or model.default_features,
+                   # what FID is measured against; only when set, so studies older than this key still resume
+                   **({"reference": [experiment.metric.reference, experiment.metric.reference_n]}
+                      if experiment.metric.reference or experiment.metric.reference_n else {})},
         "nfe": experiment.nfe,
         "space": experiment.space.describe(),
         "objectives": list(objectives(experiment)),
@@ -90,7 +84,7 @@ def open_store(experiment: Experiment, model: ModelHandle) -> StudyStore:
 
 def observations_from(history: list[StoredEvaluation], metric: str) -> list[Observation]:
     return [
-        Observation(e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage)
+        Observation(e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage, e.algorithm)
         for e in history
     ]
 
@@ -108,7 +102,7 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
         nfe,
         model.noise_schedule,
         settings=experiment.algorithm_settings,
-        seed=experiment.algorithm_seed + len(history),  # a resumed search does not replay the same random draws
+        seed=experiment.algorithm_seed,  # the same seed on resume: the searcher re-plans its generation and skips what is done
         metric=metric,
         history=observations_from(history, experiment.metric.name),
         history_values=values,
@@ -136,6 +130,9 @@ class StudyRecorder:
         self.noise = model.noise_schedule
         self.encodings: dict[int, ScheduleEncoding] = {}
         self.recorded = 0
+        self.total: int | None = None  # evaluations this phase will run at most (for progress)
+        self.started = time.perf_counter()
+        self.predictor_before = float(store.get_attr("predictor_seconds", 0.0))
         self.best = min((e.values[0] for e in store.history() if math.isfinite(e.values[0])), default=math.inf)
 
     def record(self, config: dict[str, Any], result: dict[str, Any]) -> None:
@@ -147,13 +144,13 @@ class StudyRecorder:
         encoding = self.encodings.setdefault(schedule.nfe, ScheduleEncoding(Operators(self.experiment.space, schedule.nfe, self.noise)))
         params, distributions = encoding.from_schedule(schedule)
         diverged = bool(result.get("diverged"))
-        metrics = {k: float(result[k]) for k in ("fid", "kid", "kid_std", "error_to_reference") if _number(result.get(k))}
+        metrics = {k: float(result[k]) for k in METRIC_NAMES if _number(result.get(k))}
         values = [math.inf if diverged else float(result[o]) for o in objectives(self.experiment)]
         cost = {k: float(result[k]) for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs") if _number(result.get(k))}
         self.store.record(
             schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
             stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
-            worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator") if k in result},
+            worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator", "prepared") if k in result},
         )
         self.recorded += 1
         if math.isfinite(values[0]):
@@ -161,9 +158,12 @@ class StudyRecorder:
         taus = getattr(self.searcher, "kendall_taus", {})
         if taus:
             self.store.set_attr("kendall_tau", {str(k): v for k, v in sorted(taus.items())})
-        self.store.set_attr("predictor_seconds", self.searcher.timings.get("predictor_seconds", 0.0))
+        if self.searcher.timings.get("predictor_seconds"):
+            self.store.set_attr("predictor_seconds", self.predictor_before + self.searcher.timings["predictor_seconds"])
         if self.on_update is not None:
-            self.on_update({"recorded": self.recorded, "best": self.best, "stage": self.searcher.stage, "tau": taus})
+            self.on_update({"phase": "baselines" if self.searcher.algorithm == BASELINE_POOL else "search",
+                            "recorded": self.recorded, "total": self.total, "best": self.best,
+                            "stage": self.searcher.stage, "tau": taus, "elapsed": time.perf_counter() - self.started})
 
 
 def run_search(
@@ -174,67 +174,122 @@ def run_search(
     validate: bool = True,
     export_dir: Path | None = None,
 ) -> SearchOutcome:
+    """Prepare, evaluate the baseline pool, search the remaining budget, report and export.
+
+    `on_update` receives progress dicts: {"phase": "prepare" | "report", "what", "done",
+    "total"} while references, teachers and the final comparison are built, and {"phase": "baselines" |
+    "search", "recorded", "total", "best", "stage", "tau", "elapsed"} after every recorded trial."""
+    address = address or experiment.ray_address
+    if address is None:
+        return _search(experiment, None, on_update, validate, export_dir)
+    with _ray(address):  # a cluster: refuse a storage its nodes cannot share before anything is built
+        check_cluster_storage(storage_url(experiment.storage_url))
+        return _search(experiment, address, on_update, validate, export_dir)
+
+
+def _search(experiment: Experiment, address: str | None, on_update: Callable[[dict[str, Any]], None] | None,
+            validate: bool, export_dir: Path | None) -> SearchOutcome:
     started = time.perf_counter()
+    notify = on_update or (lambda update: None)
     model = load_model(experiment.model)
-    store = open_store(experiment, model)
+    settings = evaluation_settings(experiment)
+    prepared = Evaluator(model, settings).prepare(
+        lambda what, done, total: notify({"phase": "prepare", "what": what, "done": done, "total": total})
+    )
+    if "kid" in objectives(experiment) and prepared.reference.features is None:
+        raise SolversearchError(f"KID needs reference features, but the reference is {prepared.reference.description}: "
+                                "optimise fid or teacher_distance, or give metric.reference as images")
+    store = open_store(experiment, model)  # after the checks above: a refused run leaves no study behind
+    new = evaluate_baseline_pool(experiment, model, store, Evaluator(model, settings, prepared=prepared), on_update)
     history = store.history()
-    remaining = experiment.budget.evaluations - len(history)
-    new = 0
+    remaining = experiment.budget.evaluations - sum(1 for e in history if e.algorithm != BASELINE_POOL)
     if remaining > 0:
-        searcher = build_searcher(experiment, model, history)
-        recorder = StudyRecorder(store, experiment, model, searcher, on_update)
-        _run_tune(experiment, model, searcher, recorder, remaining, address or experiment.ray_address)
-        new = recorder.recorded
+        with _ray(address):
+            context = EvaluationContext(model=experiment.model, settings=settings,
+                                        threads=max(1, int(experiment.resources.cpu)))
+            searcher = build_searcher(experiment, model, history)
+            new += _run_tune(experiment, context, prepared, StudyRecorder(store, experiment, model, searcher, on_update),
+                             remaining, time_budget_s=experiment.budget.wall_time_s)
     store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
     history = store.history()
-    report = final_report(experiment, model, history, validate)
-    if validate and report:
-        store.set_attr("validation", {r.label: {"selection": r.selection.to_dict(), "validation": r.validated.to_dict(),
-                                                "trial": r.stored.number} for r in report})
-    rows = {r.label: r for r in report}
+    report = final_report(experiment, model, history, validate,
+                          lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}))
+    if validate and report.rows:
+        store.set_attr("validation", {
+            "rows": {r.label: {"trial": r.stored.number, "selection": r.selection.to_dict(),
+                               "validation": [v.to_dict() for v in r.validation]} for r in report.rows},
+            "floor": [f.to_dict() for f in report.floor],
+            "comparison": report.comparison_record(),
+        })
     exported = None
-    best = rows.get("searched")
+    best = report.row(SEARCHED)
     if best is not None:
-        validated = best.validated
         winner = best.stored.schedule.with_metadata(
-            metrics={**best.stored.metrics, **({f"validation_{k}": v for k, v in validated.metrics().items()} if validated else {})},
+            metrics={**best.stored.metrics, **{f"validation_{m}": best.mean(m) for m in METRIC_NAMES
+                                                if best.validation and math.isfinite(best.mean(m))}},
             model_fingerprint=model.fingerprint,
             provenance={"study": experiment.study_name, "trial": best.stored.number, "algorithm": best.stored.algorithm,
                         "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
-                        "model": experiment.model, "prediction_type": model.denoiser.prediction_type},
+                        "model": experiment.model, "prediction_type": model.denoiser.prediction_type,
+                        "objective": experiment.metric.name,
+                        **({"comparison": report.comparison_record()} if report.comparisons else {})},
         )
         exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
-    baseline = rows.get("best baseline")
-    return SearchOutcome(experiment.study_name, len(history), new, best.stored if best else None,
-                         baseline.stored if baseline else None, tuple(report), exported, time.perf_counter() - started)
+    baseline = report.row("best baseline")
+    return SearchOutcome(experiment.study_name, len(history), sum(1 for e in history if e.algorithm == BASELINE_POOL),
+                         new, best.stored if best else None, baseline.stored if baseline else None, report, exported,
+                         time.perf_counter() - started)
 
 
-def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSearcher, recorder: StudyRecorder,
-              remaining: int, address: str | None) -> None:
+def evaluate_baseline_pool(experiment: Experiment, model: ModelHandle, store: StudyStore, evaluator: Evaluator,
+                           on_update: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Evaluate what the study lacks of the baseline pool, in the driver, one schedule after the other:
+    each preset costs one short evaluation, less than a Ray trial's own overhead for small models."""
+    pool = BaselinePool(experiment.space, experiment.nfe, model.noise_schedule, metric=objectives(experiment)[0],
+                        history=observations_from(store.history(), experiment.metric.name), **experiment.baselines)
+    if not pool.queue:
+        return 0
+    recorder = StudyRecorder(store, experiment, model, pool, on_update)
+    recorder.total = pool.size
+    drive(pool, lambda schedule: trial_result(evaluator, schedule), pool.size, on_result=recorder.record)
+    return recorder.recorded
+
+
+@contextlib.contextmanager
+def _ray(address: str | None) -> Iterator[None]:
+    """Ray for the search phase: the cluster at `address`, or a private local Ray this command starts
+    and shuts down."""
     import ray
+
+    started_here = not ray.is_initialized()
+    _connect(address)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_tune(experiment: Experiment, context: EvaluationContext, prepared: Prepared, recorder: StudyRecorder,
+              num_samples: int, time_budget_s: float | None) -> int:
+    """One Tune run of `recorder.searcher`'s proposals; returns the number of trials recorded."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    started_here = not ray.is_initialized()
-    _init_ray(address)
+    recorder.total = num_samples
     results_dir = tempfile.mkdtemp(prefix="solversearch-tune-")
     try:
-        if address is not None:
-            check_cluster_storage(storage_url(experiment.storage_url))
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our display is the progress
         resources = {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu, **dict(experiment.resources.custom)}
-        context = EvaluationContext(
-            model=experiment.model,
-            settings=evaluation_settings(experiment),
-            threads=max(1, int(experiment.resources.cpu)),
-        )
-        trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context), resources)
+        # with_parameters puts the prepared reference and teacher in Ray's object store once: every
+        # worker, on any node, reads them from there and builds nothing.
+        trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context, prepared=prepared), resources)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=experiment.resources.concurrent),
-                num_samples=remaining,
-                time_budget_s=experiment.budget.wall_time_s,
+                search_alg=ConcurrencyLimiter(recorder.searcher, max_concurrent=experiment.resources.concurrent),
+                num_samples=num_samples,
+                time_budget_s=time_budget_s,
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
@@ -249,8 +304,7 @@ def _run_tune(experiment: Experiment, model: ModelHandle, searcher: ScheduleSear
         tuner.fit()
     finally:
         shutil.rmtree(results_dir, ignore_errors=True)
-        if started_here:
-            ray.shutdown()
+    return recorder.recorded
 
 
 class _Record(Callback):
@@ -269,7 +323,7 @@ class _Record(Callback):
         return (_Record, (None,))
 
 
-def _init_ray(address: str | None) -> None:
+def _connect(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():

@@ -1,8 +1,8 @@
 """The worker side of a search: evaluate one schedule per Ray Tune trial, independent of the algorithm.
 
-A worker process builds its Evaluator (model, features, reference statistics) once and reuses it for
-every trial it runs (`_EVALUATORS` is that per-process cache); the reference statistics also persist
-in the on-disk cache shared by the workers of one machine.
+A worker process builds its Evaluator (model and features) once and reuses it for every trial it runs
+(`_EVALUATORS` is that per-process cache). The reference statistics and the teacher come prepared by
+the driver through Ray's object store: a worker never builds them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..evaluator import EvaluationSettings, Evaluator
+from ..evaluator import METRIC_NAMES, EvaluationSettings, Evaluator, Prepared
 from ..metrics.reference import ArrayCache
 from ..schedule import SolverSchedule
 
@@ -31,8 +31,9 @@ class EvaluationContext:
 _EVALUATORS: dict[EvaluationContext, Evaluator] = {}
 
 
-def evaluator_for(context: EvaluationContext) -> Evaluator:
-    """This process's evaluator for `context`, built on first use (on the GPU Ray assigned, if any)."""
+def evaluator_for(context: EvaluationContext, prepared: Prepared | None = None) -> Evaluator:
+    """This process's evaluator for `context`, built on first use (on the GPU Ray assigned, if any).
+    With `prepared` (the driver's reference statistics and teacher) it builds neither."""
     if context not in _EVALUATORS:
         from ..models.spec import load_model
 
@@ -42,23 +43,28 @@ def evaluator_for(context: EvaluationContext) -> Evaluator:
             settings = replace(settings, device="cuda")
         model = load_model(context.model, settings.device)
         cache = ArrayCache(context.cache_dir) if context.cache_dir else ArrayCache()
-        _EVALUATORS[context] = Evaluator(model, settings, cache)
+        _EVALUATORS[context] = Evaluator(model, settings, cache, prepared)
     return _EVALUATORS[context]
 
 
-def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[str, Any]:
+def evaluate_trial(config: dict[str, Any], context: EvaluationContext, prepared: Prepared | None = None) -> dict[str, Any]:
     """Score the trial's schedule and report the metrics and costs to Tune (also returned)."""
     from ray import tune
 
-    schedule = SolverSchedule.from_dict(config["schedule"])
     built = context not in _EVALUATORS
-    evaluator = evaluator_for(context)
+    schedule = SolverSchedule.from_dict(config["schedule"])
+    report = {**trial_result(evaluator_for(context, prepared), schedule, built_evaluator=built), "key": config["key"]}
+    tune.report(report)
+    return report
+
+
+def trial_result(evaluator: Evaluator, schedule: SolverSchedule, built_evaluator: bool = False) -> dict[str, Any]:
+    """Evaluate the schedule: the result as a trial reports it (metrics, cost, where it ran). The driver
+    evaluates the baseline pool with this too, so both kinds of trial are recorded alike."""
     result = evaluator.evaluate(schedule)
-    report = {
-        "fid": result.fid,
-        "kid": result.kid,
-        "kid_std": result.kid_std,
-        "error_to_reference": result.error_to_reference if result.error_to_reference is not None else float("nan"),
+    metrics = result.metrics()
+    return {
+        **{name: metrics.get(name, float("nan")) for name in METRIC_NAMES},
         "diverged": result.diverged,
         "nfe": result.nfe,
         "macs": result.macs if result.macs is not None else float("nan"),
@@ -68,14 +74,12 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext) -> dict[s
         "samples_per_second": result.samples_per_second,
         "n": result.n,
         "seed": result.seed,
-        "key": config["key"],
         "node": _node_id(),
         "pid": os.getpid(),
         "device": torch.cuda.get_device_name(evaluator.device) if evaluator.device.type == "cuda" else "cpu",
-        "built_evaluator": built,  # True only for a worker's first trial: model and statistics load once
+        "built_evaluator": built_evaluator,  # True only for a worker's first trial: model and statistics load once
+        "prepared": evaluator.prepared,  # reference and teacher came from the driver, never built here
     }
-    tune.report(report)
-    return report
 
 
 def _node_id() -> str:
