@@ -65,9 +65,12 @@ class SearchProgress:
         if now in ("prepare", "report"):
             line = self._build_line(update)
             lines += [line] if line else []
-        elif now in searching and update.get("total") is not None and update["recorded"] >= update["total"]:
-            lines.append(self._stage_line(update))
-            self.status = {}  # printed: the next phase must not print it again
+        elif now in searching and update.get("total") is not None:
+            if update["recorded"] >= update["total"]:
+                lines.append(self._stage_line(update))
+                self.status = {}  # printed: the next phase must not print it again
+            elif int(4 * update["recorded"] / update["total"]) > int(4 * previous.get("recorded", 0) / update["total"]):
+                lines.append(self._stage_line(update, done=False))  # a long stage: a line per quarter of the phase
         return lines
 
     def _build_line(self, update: dict[str, Any]) -> str | None:
@@ -83,12 +86,12 @@ class SearchProgress:
         eta = elapsed / done * (total - done) if done else math.inf
         return f"{what}: {done}/{total}" + ("" if done >= total else f", ETA {duration(eta)}")
 
-    def _stage_line(self, status: dict[str, Any]) -> str:
+    def _stage_line(self, status: dict[str, Any], done: bool = True) -> str:
         recorded, total, elapsed = status["recorded"], status.get("total"), status.get("elapsed", 0.0)
         eta = elapsed / recorded * (total - recorded) if recorded and total else math.inf
         name = "baseline pool" if status["phase"] == "baselines" else f"search stage {status.get('stage', 0)}"
         best = status.get("best", math.inf)
-        parts = [f"{name} done: {recorded}/{total if total is not None else '?'} evaluations",
+        parts = [f"{name}{' done' if done else ''}: {recorded}/{total if total is not None else '?'} evaluations",
                  f"best {self.metric} {best:.4f}" if math.isfinite(best) else f"best {self.metric} –",
                  f"elapsed {duration(elapsed)}"]
         if total is not None and recorded < total:
