@@ -269,6 +269,8 @@ class Evaluator:
 
             def build() -> dict[str, np.ndarray]:
                 report = (lambda done: on_progress("teacher", done, n)) if on_progress else None
+                if report:
+                    report(0)  # the start: the estimate counts from here
                 return {"samples": self.sample(schedule, on_batch=report).numpy()}
 
             self._teacher = torch.from_numpy(self.cache.get_or_compute(key, build)["samples"])
@@ -374,6 +376,8 @@ class Evaluator:
         schedule = teacher_schedule(model.noise_schedule, REFERENCE_SOLVER_STEPS)
         reference_evaluator = Evaluator(model, replace(settings, n=n, seed=seed, error_to_reference=False), self.cache)
         report = (lambda done: on_progress("reference: the model's converged samples", done, n)) if on_progress else None
+        if report:
+            report(0)
         reference = reference_features(
             self.cache, key, lambda: self._batched_features(reference_evaluator.sample(schedule, on_batch=report))
         )

@@ -98,7 +98,8 @@ class SearchProgress:
             parts.append(f"ETA ≤ {duration(eta)}")
         taus = status.get("tau") or {}
         if taus:
-            parts.append("predictor τ " + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(taus.items())))
+            stage = max(taus)  # the held-out τ of the predictor that planned the latest stage
+            parts.append(f"predictor τ {taus[stage]:.2f} (stage {stage})")
         return " · ".join(parts)
 
     # --- the live panel (terminals) ---------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 A searched schedule only counts if it beats the best of these, scored on the same seeds. Generation 0
 is every preset on every grid (diffusers' integer grids only for discrete models) as the preset
-defines it; generation 1 gives the best `variants_of` of those every start time, end time and first
-step (model or analytic) the search space offers — the freedoms a searched schedule has. The pool is
+defines it; generation 1 gives the best `variants_of` of those the start times, end times and first
+steps (model or analytic) the search space offers — the freedoms a searched schedule has. The pool is
 evaluated before the search, as trials of the study (algorithm "baselines"), so the search learns from
 it and never re-proposes it.
 """
@@ -87,7 +87,7 @@ class BaselinePool(ScheduleSearcher):
     def size(self) -> int:
         """An upper bound on the pool's evaluations (generation 0 plus every variant)."""
         ts = self.ops.space.timesteps
-        forms = len(ts.t_start) * len(ts.t_end) * len(self.ops.space.first_steps)
+        forms = len(ts.t_start) + len(ts.t_end) * len(self.ops.space.first_steps)
         return len(self.generation_zero) + self.variants_of * len(self.nfes) * forms
 
     def _propose(self):
@@ -99,19 +99,23 @@ class BaselinePool(ScheduleSearcher):
         return self.queue.pop(0) if self.queue else Searcher.FINISHED
 
     def _variants(self) -> list[Proposal]:
-        ts, proposals, keys = self.ops.space.timesteps, [], set()
+        """For each of the best presets: every start time of the space (the preset's end and first step),
+        and every end time × first step (the preset's start) — one factor at a time, since the full
+        product grows as the space's choices multiply."""
+        ts, space, proposals, keys = self.ops.space.timesteps, self.ops.space, [], set()
         for nfe in self.nfes:
-            ops = Operators(self.ops.space, nfe, self.ops.noise)
+            ops = Operators(space, nfe, self.ops.noise)
             scored = [(o.value, o.key) for o in self.observations
                       if o.key in self.generation_zero and self.generation_zero[o.key][0] == nfe and math.isfinite(o.value)]
             for _, key in sorted(scored)[: self.variants_of]:
                 _, preset, grid = self.generation_zero[key]
-                for t_start in ts.t_start:
-                    for t_end in ts.t_end:
-                        for first_step in self.ops.space.first_steps:
-                            schedule = variant_schedule(ops, preset, grid, t_start, t_end, first_step)
-                            proposal = self._new(schedule, 0)
-                            if proposal is not None and proposal.key not in keys:
-                                keys.add(proposal.key)
-                                proposals.append(proposal)
+                own = make_grid(grid, self.ops.noise, nfe)
+                start, end = float(own[0]), float(own[-1])
+                forms = [(t_start, end, "model") for t_start in ts.t_start]
+                forms += [(start, t_end, first) for t_end in ts.t_end for first in space.first_steps]
+                for t_start, t_end, first_step in forms:
+                    proposal = self._new(variant_schedule(ops, preset, grid, t_start, t_end, first_step), 0)
+                    if proposal is not None and proposal.key not in keys:
+                        keys.add(proposal.key)
+                        proposals.append(proposal)
         return proposals

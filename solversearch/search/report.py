@@ -139,6 +139,7 @@ def final_report(
     select = _Scored(_evaluator(model, experiment, selection_seed, progress, "selection"))
     candidates = [(label, pool[: experiment.validation_top]) for label, pool in pools]
     total, done = sum(len(pool) for _, pool in candidates), 0
+    progress("selection", 0, total)
     chosen = []
     for label, pool in candidates:
         scored = []
@@ -152,6 +153,7 @@ def final_report(
     seeds = experiment.validation_seeds
     validation: dict[str, list[EvaluationResult]] = {label: [] for label, _, _ in chosen}
     floor = []
+    progress("validation", 0, len(seeds))
     for i, seed in enumerate(seeds):
         check = _Scored(_evaluator(model, experiment, seed, progress, f"validation seed {seed}"))
         for label, winner, _ in chosen:
