@@ -9,6 +9,8 @@ baseline's excess over the converged solution the winner leaves, (searched − f
 The goal: "better" on FID, KID and the feature-space teacher distance, and an excess share ≤ 0.5.
 
     python benchmarks/significance.py --nfe 4,5,6 [--storage sqlite:///significance.db] [--json significance.json]
+    # after the main job: reuse its NFE-5 study (same experiment, same seeds) instead of running it again
+    python benchmarks/significance.py --storage sqlite:///solversearch.db --study '{name}-nfe{nfe}'
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--experiment", default=str(REPO / "experiments" / "digits.yaml"))
     parser.add_argument("--nfe", default="4,5,6")
     parser.add_argument("--storage", default="sqlite:///significance.db", help="a fresh database: studies resume")
+    parser.add_argument("--study", default="significance-{name}-nfe{nfe}",
+                        help="study name template; '{name}-nfe{nfe}' with the main job's storage reuses its studies")
     parser.add_argument("--budget", type=int, help="override the experiment's search budget")
     parser.add_argument("--out", default=".", help="folder for the winners' schedule files")
     parser.add_argument("--json", help="also write every figure to this JSON file")
@@ -42,7 +46,7 @@ def main() -> None:
     summary = {}
     for nfe in (int(x) for x in args.nfe.split(",")):
         experiment = base.override(nfe=nfe, budget=args.budget, storage_url=args.storage,
-                                   study=f"significance-{base.name}-nfe{nfe}")
+                                   study=args.study.format(name=base.name, nfe=nfe))
         started = time.perf_counter()
         outcome = run_search(experiment, export_dir=Path(args.out))
         report = outcome.report

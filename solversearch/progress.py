@@ -53,6 +53,7 @@ class SearchProgress:
             return
         for line in self._lines(previous, update):
             self.console.print(f"[{duration(time.perf_counter() - self.started):>7}] {line}", markup=False, highlight=False)
+            self.console.file.flush()  # a log file or pipe is block-buffered: show each line as it happens
 
     # --- plain lines (logs, pipes) ----------------------------------------------------------------
 
