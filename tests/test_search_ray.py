@@ -94,7 +94,8 @@ def test_every_trial_lands_in_postgresql(ray_session, tmp_path):
 def test_export_load_evaluate_gives_the_stored_metric(ray_session, tmp_path):
     url = f"sqlite:///{tmp_path / 'search.db'}"
     experiment = small_experiment(url, "gmm-export", budget=4)
-    outcome = run_search(experiment, validate=False, export_dir=tmp_path)
+    outcome = run_search(experiment, validate=False, export_dir=tmp_path / "not" / "made" / "yet")
+    assert outcome.exported.parent == tmp_path / "not" / "made" / "yet"  # the folder is made, the result kept
     schedule = load_schedule(outcome.exported)
     evaluator = Evaluator(outcome_model(experiment), evaluation_settings(experiment))
     # The worker ran with one thread, this process with more: float32 sums in another order move FID by ~1e-6.

@@ -234,7 +234,9 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
                         "objective": experiment.metric.name,
                         **({"comparison": report.comparison_record()} if report.comparisons else {})},
         )
-        exported = winner.save((export_dir or Path(".")) / f"{experiment.study_name}.json")
+        folder = export_dir or Path(".")
+        folder.mkdir(parents=True, exist_ok=True)  # a search's result is never lost to a missing folder
+        exported = winner.save(folder / f"{experiment.study_name}.json")
     baseline = report.row("best baseline")
     return SearchOutcome(experiment.study_name, len(history), sum(1 for e in history if e.algorithm == BASELINE_POOL),
                          new, best.stored if best else None, baseline.stored if baseline else None, report, exported,
