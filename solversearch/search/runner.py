@@ -32,7 +32,7 @@ from .baseline_pool import BaselinePool
 from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
 from .operators import Operators
-from .report import SEARCHED, Report, final_report
+from .report import BEST_BASELINE, SEARCHED, Report, final_report
 from .searchers import Observation, ScheduleSearcher, drive, make_searcher
 from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
 from .trainable import EvaluationContext, evaluate_trial, trial_result
@@ -237,7 +237,7 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
         folder = export_dir or Path(".")
         folder.mkdir(parents=True, exist_ok=True)  # a search's result is never lost to a missing folder
         exported = winner.save(folder / f"{experiment.study_name}.json")
-    baseline = report.row("best baseline")
+    baseline = report.row(BEST_BASELINE)
     return SearchOutcome(experiment.study_name, len(history), sum(1 for e in history if e.algorithm == BASELINE_POOL),
                          new, best.stored if best else None, baseline.stored if baseline else None, report, exported,
                          time.perf_counter() - started)
