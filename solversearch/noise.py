@@ -43,6 +43,15 @@ class NoiseSchedule(abc.ABC):
         """A module computing log α(t) on the device of its input (move it with `.to(device)`)."""
 
     @abc.abstractmethod
+    def torch_t_of_log_alpha(self) -> torch.nn.Module:
+        """The inverse of `torch_log_alpha` as a module: differentiable, so a sampler's times can be learned
+        in log-SNR (see `refine.py`)."""
+
+    def torch_t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """t(λ) in torch, differentiable in λ: log α = −½ log(1 + e^{−2λ})."""
+        return self.torch_t_of_log_alpha()(-0.5 * torch.nn.functional.softplus(-2.0 * lam))
+
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description from which `noise_schedule_from_dict` rebuilds the schedule."""
 
@@ -172,6 +181,9 @@ class DiscreteVP(NoiseSchedule):
     def torch_log_alpha(self) -> torch.nn.Module:
         return PiecewiseLinear(self._knots_t, self._knots_log_alpha)
 
+    def torch_t_of_log_alpha(self) -> torch.nn.Module:
+        return PiecewiseLinear(self._knots_log_alpha[::-1].copy(), self._knots_t[::-1].copy())
+
     def default_t_end(self, n_steps: int) -> float:
         return 1.0 / self.num_train_timesteps
 
@@ -210,6 +222,9 @@ class LinearVP(NoiseSchedule):
     def torch_log_alpha(self) -> torch.nn.Module:
         return _LinearVPLogAlpha(self.beta_0, self.beta_1)
 
+    def torch_t_of_log_alpha(self) -> torch.nn.Module:
+        return _LinearVPTime(self.beta_0, self.beta_1)
+
     def default_t_end(self, n_steps: int) -> float:
         return 1e-3 if n_steps <= 15 else 1e-4
 
@@ -227,6 +242,17 @@ class _LinearVPLogAlpha(torch.nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+
+class _LinearVPTime(torch.nn.Module):
+    def __init__(self, beta_0: float, beta_1: float):
+        super().__init__()
+        self.beta_0, self.beta_1 = beta_0, beta_1
+
+    def forward(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        c = -log_alpha
+        a, b = 0.25 * (self.beta_1 - self.beta_0), 0.5 * self.beta_0
+        return 2.0 * c / (b + torch.sqrt(b * b + 4.0 * a * c))
 
 
 def noise_schedule_from_dict(description: Mapping[str, Any]) -> NoiseSchedule:

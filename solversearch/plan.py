@@ -157,7 +157,7 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
         points = [[i - b for b in p] for p in step.derivative_points]
         scales = [1.0] * len(points)
         if scales:
-            scales[0] = first_derivative_scale(step, hh)
+            scales[0] = first_derivative_scale(step, hh) * step.first_derivative_factor
         if len(scales) >= 2:
             scales[1] = step.second_derivative_factor
         x_coef, weights = exponential_update(
@@ -167,10 +167,10 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
         corrections.append(_unic(step, i, lambdas, alphas, sigmas) if step.corrector == "unic" else None)
 
     planned = []
-    last_use = _last_use(predict_updates, corrections)
+    last = last_use(predict_updates, corrections)
     for i, step in enumerate(schedule.steps):
         correction = corrections[i - 1] if i > 0 else None
-        released = tuple(p for p, last in last_use.items() if last == i)
+        released = tuple(p for p, final in last.items() if final == i)
         planned.append(
             PlannedStep(
                 t=float(times[i]),
@@ -211,7 +211,7 @@ def _unic(step: Step, i: int, lambdas: np.ndarray, alphas: np.ndarray, sigmas: n
     return LinearUpdate(x_coef, "x0" if step.prediction == "data" else "eps", tuple(sorted(weights.items())))
 
 
-def _last_use(predicts: list[LinearUpdate], corrections: list[LinearUpdate | None]) -> dict[int, int]:
+def last_use(predicts: list[LinearUpdate], corrections: list[LinearUpdate | None]) -> dict[int, int]:
     """For each stored point, the index of the last step whose updates read it."""
     last: dict[int, int] = {}
     for i, update in enumerate(predicts):

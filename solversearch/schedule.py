@@ -59,8 +59,9 @@ class Step:
       back-indices (1 = the evaluation one step back, 2 = two steps back, …); derivative n needs at
       least n points. Fewer points than available is USF's low-order derivative estimate.
     - `scaling`: multiplies the first-derivative term: bh1 / bh2 (UniPC's B(h)), linear (1 + c·h, with
-      h → −h in the data form) or none. `second_derivative_factor` multiplies the second-derivative
-      term (0.5 reproduces the published DPM-Solver++(3M) coefficient).
+      h → −h in the data form) or none. `first_derivative_factor` multiplies that term once more (a
+      learned step scale: `refine.py` tunes it; 1 = none; only for order ≥ 2). `second_derivative_factor`
+      multiplies the second-derivative term (0.5 reproduces the published DPM-Solver++(3M) coefficient).
     - `corrector`: "unic" re-does the step with one more order, fitting its derivatives through the
       predictor's points plus the model evaluation at the new point (which the next step needs anyway,
       so it costs no NFE). As in UniPC, it applies `scaling` only when it is an order-2 update.
@@ -72,6 +73,7 @@ class Step:
     derivative_points: tuple[tuple[int, ...], ...] = ()
     scaling: str = "none"
     linear_coefficient: float = 0.0
+    first_derivative_factor: float = 1.0
     second_derivative_factor: float = 1.0
     corrector: str = "none"
     skip: tuple[str, ...] = ()
@@ -100,6 +102,8 @@ class Step:
         }
         if self.scaling == "linear":
             doc["linear_coefficient"] = self.linear_coefficient
+        if self.first_derivative_factor != 1.0:
+            doc["first_derivative_factor"] = self.first_derivative_factor
         if self.second_derivative_factor != 1.0:
             doc["second_derivative_factor"] = self.second_derivative_factor
         doc["corrector"] = self.corrector
@@ -303,12 +307,16 @@ def _validate_step(i: int, step: Step, is_last: bool, to_zero: bool) -> None:
             )
     if step.scaling not in SCALINGS:
         raise ScheduleError(f"{where}.scaling: must be one of {SCALINGS}, got {step.scaling!r}")
-    for name in ("linear_coefficient", "second_derivative_factor"):
+    for name in ("linear_coefficient", "first_derivative_factor", "second_derivative_factor"):
         value = getattr(step, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ScheduleError(f"{where}.{name}: must be a finite number, got {value!r}")
     if step.scaling != "linear" and step.linear_coefficient != 0.0:
         raise ScheduleError(f"{where}.linear_coefficient: only allowed with scaling 'linear'")
+    if step.order == 1 and step.first_derivative_factor != 1.0:
+        raise ScheduleError(f"{where}.first_derivative_factor: an order-1 step has no derivative term to scale")
+    if step.order < 3 and step.second_derivative_factor != 1.0:
+        raise ScheduleError(f"{where}.second_derivative_factor: an order-{step.order} step has no second-derivative term")
     if step.corrector not in CORRECTORS:
         raise ScheduleError(f"{where}.corrector: must be one of {CORRECTORS}, got {step.corrector!r}")
     if step.corrector != "none" and is_last:
@@ -349,6 +357,7 @@ def _step_from_dict(doc: Mapping[str, Any]) -> Step:
         derivative_points=tuple(tuple(p) for p in doc["derivative_points"]),
         scaling=doc["scaling"],
         linear_coefficient=float(doc.get("linear_coefficient", 0.0)),
+        first_derivative_factor=float(doc.get("first_derivative_factor", 1.0)),
         second_derivative_factor=float(doc.get("second_derivative_factor", 1.0)),
         corrector=doc["corrector"],
         skip=tuple(doc.get("skip", ())),
@@ -373,6 +382,8 @@ def describe(schedule: SolverSchedule) -> Sequence[str]:
             extra.append(f"points={[list(p) for p in step.derivative_points]}")
         if step.scaling != "none":
             extra.append(step.scaling + (f"({step.linear_coefficient:g})" if step.scaling == "linear" else ""))
+        if step.first_derivative_factor != 1.0:
+            extra.append(f"×{step.first_derivative_factor:.3g}")
         if step.corrector != "none":
             extra.append(step.corrector)
         if step.skip:

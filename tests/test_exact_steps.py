@@ -31,6 +31,8 @@ Conventions the reference follows (source in parentheses):
 - The scaling multiplies the first-derivative term; bh1 = (hh²/2)/(e^{hh} − 1 − hh),
   bh2 = (hh/2)(e^{hh} − 1)/(e^{hh} − 1 − hh), linear = 1 + c·hh, hh = h (noise) or −h (data)
   (§2 "Derivative scaling").
+- `first_derivative_factor` multiplies the first-derivative term of the predictor once more, after the
+  scaling (schedule.Step docstring; the learned step scale of refine.py).
 - `second_derivative_factor` multiplies the second-derivative term of the predictor. It is not in
   solvers.md §2; it exists for the published DPM-Solver++(3M) coefficient (§3; schedule.Step docstring).
 - UniC after step i (only when a step i + 1 follows): redo step i from the x it started at with order
@@ -184,7 +186,7 @@ def _hh(step: Step, grid: Grid, i: int) -> float:
 def predictor_factors(step: Step, grid: Grid, i: int) -> list[float]:
     factors = [1.0] * step.order
     if step.order >= 2:
-        factors[1] = first_derivative_scale(step, _hh(step, grid, i))
+        factors[1] = first_derivative_scale(step, _hh(step, grid, i)) * step.first_derivative_factor
     if step.order >= 3:
         factors[2] = step.second_derivative_factor
     return factors
@@ -252,14 +254,14 @@ def assert_matches_reference(schedule: SolverSchedule, model=GAUSSIAN, rtol: flo
 
 S = Step
 # One schedule that exercises every coefficient the point mass cannot see: order-2/3/4 predictors in both
-# forms, every scaling, the second-derivative factor, low-order derivatives through older points, UniC
+# forms, every scaling, both derivative factors, low-order derivatives through older points, UniC
 # after orders 1, 2 and 3 (with and without its scaling), and a final step to t = 0 after a UniC step.
 PROBE = SolverSchedule(
     timesteps=(1.0, 0.8, 0.62, 0.5, 0.37, 0.25, 0.16, 0.08, 0.0),
     steps=(
         S("data", 1, (), "bh2", corrector="unic"),
-        S("noise", 2, ((1,),), "bh1", corrector="unic"),
-        S("data", 3, ((1, 2), (1, 2)), "linear", 0.7, second_derivative_factor=0.5),
+        S("noise", 2, ((1,),), "bh1", first_derivative_factor=1.3, corrector="unic"),
+        S("data", 3, ((1, 2), (1, 2)), "linear", 0.7, first_derivative_factor=0.8, second_derivative_factor=0.5),
         S("noise", 4, ((1, 2, 3), (1, 2, 3), (1, 2, 3)), "bh2", corrector="unic"),
         S("data", 3, ((2,), (1, 3)), "bh1", corrector="unic"),
         S("noise", 1, (), "bh1", corrector="unic"),

@@ -76,6 +76,14 @@ def test_torch_log_alpha_matches_numpy(noise):
     np.testing.assert_allclose(noise.torch_log_alpha()(t).numpy(), noise.log_alpha(t.numpy()), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("noise", [DiscreteVP.from_diffusers_config({}), LinearVP()], ids=repr)
+def test_torch_t_of_lambda_inverts_lambda_and_matches_numpy(noise):
+    t = torch.cat([torch.rand(200, dtype=torch.float64) * 0.999 + 1e-3, torch.tensor([1.0, 1e-3], dtype=torch.float64)])
+    lam = torch.from_numpy(noise.lambda_(t.numpy()))
+    np.testing.assert_allclose(noise.torch_t_of_lambda(lam).numpy(), t.numpy(), rtol=1e-11)
+    np.testing.assert_allclose(noise.torch_t_of_lambda(lam).numpy(), noise.t_of_lambda(lam.numpy()), rtol=1e-13)
+
+
 @pytest.mark.parametrize(
     "noise",
     [
