@@ -93,7 +93,7 @@ def execute(
     trajectory = [x_T] if return_trajectory else None
     for i, step in enumerate(plan.steps):
         if step.evaluate:
-            t = torch.full((batch,), step.t, dtype=time_dtype, device=x_T.device)
+            t = _times(step.t, batch, time_dtype, x_T.device)
             eps = denoiser(state.x, t, skip=step.skip) if step.skip else denoiser(state.x, t)
         else:
             eps = state.x  # the analytic first step: ε̂(x_T, T) = x_T
@@ -105,10 +105,21 @@ def execute(
     return Solution(sample=state.x, trajectory=None if trajectory is None else tuple(trajectory))
 
 
+def _times(t: float | torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):  # a differentiable plan: keep the graph to the time
+        return t.to(device=device, dtype=dtype).expand(batch)
+    return torch.full((batch,), t, dtype=dtype, device=device)
+
+
 def _combine(
     update: LinearUpdate, x: torch.Tensor, eps_at: dict[int, torch.Tensor], x0_at: dict[int, torch.Tensor]
 ) -> torch.Tensor:
     values = x0_at if update.uses == "x0" else eps_at
+    if isinstance(update.x_coef, torch.Tensor):  # a differentiable plan (differentiable.py)
+        out = update.x_coef.to(x) * x
+        for point, weight in update.weights:
+            out = out + weight.to(x) * values[point]
+        return out
     largest = torch.finfo(x.dtype).max
     out = x * _representable(update.x_coef, largest) if update.x_coef != 0.0 else torch.zeros_like(x)
     for point, weight in update.weights:
