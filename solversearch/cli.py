@@ -65,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="a schedule searched on another model is an error")
     p.set_defaults(run=_cmd_sample)
 
+    p = commands.add_parser("refine", help="learn a schedule's times (and step factors) against the converged solution")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--schedule", required=True, help="a schedule JSON file, or PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe")
+    p.add_argument("--nfe", type=_positive_int, default=5, help="NFE of a preset schedule (default 5)")
+    p.add_argument("--out", required=True, help="the refined schedule JSON")
+    p.add_argument("--n", type=_positive_int, default=64, help="training samples (x_T from a seed no search uses)")
+    p.add_argument("--heldout-n", type=_positive_int, default=64, help="held-out samples for early stopping")
+    p.add_argument("--iterations", type=_positive_int, default=60)
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--patience", type=_positive_int, default=8, help="stop after this many iterations without a held-out gain")
+    p.add_argument("--no-factors", action="store_true", help="learn the times only, not the first-derivative factors")
+    p.add_argument("--features", choices=["identity", "digits"], help="feature space of the loss (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.set_defaults(run=_cmd_refine)
+
     p = commands.add_parser("search", help="search the best solver schedule for an experiment")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
     p.add_argument("--nfe", type=_positive_int, help="NFE budget (overrides the experiment)")
@@ -253,6 +268,54 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"wrote {out}" + (f" and {args.npz}" if args.npz else ""))
     return 0
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .models.spec import load_model
+    from .progress import duration
+    from .refine import RefineSettings, refine
+    from .schedule import describe
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise SolversearchError(f"--out: the folder {str(out.parent)!r} does not exist")
+    settings = RefineSettings(n=args.n, heldout_n=args.heldout_n, iterations=args.iterations, learning_rate=args.learning_rate,
+                              patience=args.patience, learn_factors=not args.no_factors, features=args.features, device=args.device)
+    model = load_model(args.model, args.device)
+    parent = _schedule_argument(args.schedule, model.noise_schedule, args.nfe)
+
+    def report(iteration: int, train: float, heldout: float) -> None:
+        print(f"iteration {iteration:3d}: training {train:.5f} · held-out {heldout:.5f}", flush=True)
+
+    result = refine(model, parent, settings, on_progress=report)
+    first, best = result.heldout_losses[0], result.heldout_losses[result.best_iteration]
+    if result.best_iteration == 0:
+        print(f"no iterate beat {parent.name or args.schedule} on the held-out batch ({first:.5f}); it is written unchanged")
+    else:
+        print(f"held-out teacher distance {first:.5f} → {best:.5f} ({100 * result.improvement:.1f} % lower, "
+              f"iteration {result.best_iteration}) in {duration(result.seconds)}")
+    for line in describe(result.schedule):
+        print(line)
+    result.schedule.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _schedule_argument(text: str, noise, nfe: int):
+    """A schedule JSON file, or PRESET[/GRID] built on the model's noise schedule."""
+    from pathlib import Path
+
+    from . import presets
+    from .schedule import load_schedule
+
+    if Path(text).exists() or text.endswith(".json"):
+        return load_schedule(text)
+    name, _, grid = text.partition("/")
+    if name not in presets.PRESETS:
+        raise SolversearchError(f"--schedule: {text!r} is neither a schedule file nor a preset; presets: {sorted(presets.PRESETS)}")
+    return presets.build(name, noise, nfe, grid or "logsnr")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

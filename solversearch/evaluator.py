@@ -201,7 +201,7 @@ class Evaluator:
             stop = min(start + batch_size, self.settings.n)
             x_T = self.x_T[start:stop].to(self.device)
             with self._autocast():
-                x = execute(plan, self._denoiser_for(start, stop), x_T).sample
+                x = execute(plan, self.denoiser_for(start, stop), x_T).sample
             out.append(x.float().cpu())
             if on_batch is not None:
                 on_batch(stop)
@@ -402,7 +402,8 @@ class Evaluator:
             return TorchScriptFeatures(self.settings.inception_path, "inception")
         raise SolversearchError(f"unknown features {name!r}; expected 'identity', 'digits' or 'inception'")
 
-    def _denoiser_for(self, start: int, stop: int):
+    def denoiser_for(self, start: int, stop: int):
+        """The denoiser for samples start..stop of the fixed x_T, bound to their conditioning if any."""
         if not self.condition_index:
             return self.denoiser
         conditioning = {

@@ -255,11 +255,12 @@ class _BundledNetwork:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.to(images.device).features(images.float()).double()
 
-    @torch.no_grad()
     def layers(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Every activation unit-normalised over channels (the feature vector too), as LPIPS compares them."""
-        convs, features = self.net.to(images.device).activations(images.float())
-        return [unit_normalise(a) for a in (*convs, features)]
+        """Every activation unit-normalised over channels (the feature vector too), as LPIPS compares them.
+        Differentiable in the images when they require grad (a refinement's loss); no graph otherwise."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            convs, features = self.net.to(images.device).activations(images.float())
+            return [unit_normalise(a) for a in (*convs, features)]
 
 
 class BundledDigitsFeatures(_BundledNetwork):

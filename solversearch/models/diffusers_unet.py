@@ -128,13 +128,15 @@ class UNetDenoiser(torch.nn.Module):
         negative_encoder_hidden_states for guidance)."""
         return BoundDenoiser(self, conditioning)
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, **conditioning: Any) -> torch.Tensor:
+        """ε̂(x, t). No autograd graph unless x or t requires grad (a refinement learning the times): the
+        network's weights never do."""
         skip = conditioning.pop("skip", None)
-        if skip:
-            with skipping(self.unet, skip):
-                return self._guided(x, t, conditioning)
-        return self._guided(x, t, conditioning)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)):
+            if skip:
+                with skipping(self.unet, skip):
+                    return self._guided(x, t, conditioning)
+            return self._guided(x, t, conditioning)
 
     def _guided(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
         negative = conditioning.pop("negative_encoder_hidden_states", None)
