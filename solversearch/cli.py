@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
     p.add_argument("--nfe", type=_positive_int, help="NFE budget (overrides the experiment)")
     p.add_argument("--budget", type=_positive_int, help="true evaluations in all (resuming counts stored ones)")
-    p.add_argument("--algorithm", help="s3, evolution, random, tpe, gp or nsga2")
+    p.add_argument("--algorithm", help="s3, s3_refine, refine, evolution, random, autodiffusion, tpe, gp or nsga2")
     p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///solversearch.db)")
     p.add_argument("--study", help="study name (default: <experiment>-nfe<N>)")
     p.add_argument("--address", help="an existing Ray cluster: auto or HOST:PORT")
@@ -445,10 +445,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
         console.print("predictor Kendall τ per stage: " + ", ".join(f"{k}: {v:.2f}" for k, v in taus.items()))
     sampling = sum(e.cost.get("sampling_seconds", 0.0) for e in history)
     scoring = sum(e.cost.get("metric_seconds", 0.0) for e in history)
+    refining = sum(e.cost.get("refine_seconds", 0.0) for e in history)
     predictor = float(store.get_attr("predictor_seconds", 0.0))
     wall = float(store.get_attr("wall_seconds", 0.0))
     cost = Table("search cost", "seconds", title=f"{args.study}: {len(history)} evaluations, {sum(e.diverged for e in history)} diverged")
-    for name, seconds in (("sampling (workers)", sampling), ("metric (workers)", scoring), ("predictor training + screening", predictor), ("wall time (driver)", wall)):
+    lines = [("sampling (workers)", sampling), ("metric (workers)", scoring)]
+    if refining:
+        lines.append((f"refinement (workers, {sum(1 for e in history if e.refinement)} schedules)", refining))
+    for name, seconds in (*lines, ("predictor training + screening", predictor), ("wall time (driver)", wall)):
         cost.add_row(name, f"{seconds:.1f}")
     console.print(cost)
     return 0

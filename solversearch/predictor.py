@@ -37,7 +37,8 @@ STEP_COLUMNS: tuple[str, ...] = tuple(
     + [f"order_{k}" for k in range(1, MAX_ORDER + 1)]
     + ["data_prediction", "unic"]
     + [f"scaling_{s}" for s in SCALINGS]
-    + ["linear_coefficient", "low_order_derivative", "mean_back_index", "second_derivative_factor", "skip_fraction"]
+    + ["linear_coefficient", "low_order_derivative", "mean_back_index", "first_derivative_factor", "second_derivative_factor",
+       "skip_fraction"]
     + ["analytic_first_step"]
 )
 STEP_FEATURES: int = len(STEP_COLUMNS)
@@ -76,6 +77,8 @@ def _step_row(
         float(step.order > 1 and len(first_points) < step.order - 1),
         # How far back the history reaches (stale points hurt more on coarse grids); 0 for order 1.
         (sum(used) / len(used) / MAX_ORDER) if used else 0.0,
+        # A learned scale of the first-derivative term (refine.py); 0 for the presets and the space.
+        _clip(step.first_derivative_factor - 1.0),
         # Departure from the exact Taylor coefficient (published DPM-Solver++(3M) has −0.5).
         _clip(step.second_derivative_factor - 1.0),
         # Share of the network skipped at this step's evaluation.

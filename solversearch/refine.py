@@ -115,8 +115,8 @@ class Refinement:
             "seconds": round(self.seconds, 3),
             "iterations": len(self.train_losses) - 1,
             "best_iteration": self.best_iteration,
-            "train_losses": [round(v, 6) for v in self.train_losses],
-            "heldout_losses": [round(v, 6) for v in self.heldout_losses],
+            "train_losses": [_rounded(v) for v in self.train_losses],
+            "heldout_losses": [_rounded(v) for v in self.heldout_losses],
             "n": self.settings.n,
             "heldout_n": self.settings.heldout_n,
             "seeds": list(self.settings.seeds),
@@ -181,9 +181,7 @@ class _TeacherBatch:
     """One batch of x_T with its teacher's feature layers: the loss of a plan is the mean teacher distance."""
 
     def __init__(self, model: ModelHandle, n: int, seed: int, settings: RefineSettings, cache: ArrayCache | None):
-        evaluation = EvaluationSettings(n=n, seed=seed, batch_size=n, device=settings.device, features=settings.features,
-                                        reference_steps=settings.reference_steps)
-        self.evaluator = Evaluator(model, evaluation, cache)
+        self.evaluator = Evaluator(model, _batch_settings(n, seed, settings), cache)
         teacher = self.evaluator.images(self.evaluator.teacher()).to(self.evaluator.device)
         self.teacher_layers = [layer.detach() for layer in self.evaluator.features.layers(teacher)]
         self.x_T = self.evaluator.x_T.to(self.evaluator.device)
@@ -258,6 +256,22 @@ def refine(
     return replace(result, schedule=refined.with_metadata(
         name=name, noise_schedule=noise.to_dict(), model_fingerprint=model.fingerprint, metrics={},
         provenance={**schedule.provenance, "refinement": result.summary()}))
+
+
+def prepare_teachers(model: ModelHandle, settings: RefineSettings, cache: ArrayCache | None = None) -> None:
+    """Build (or find) the teachers of the training and held-out batches in the cache, as a search's
+    driver does before its workers refine: they then only read them (on this machine's cache)."""
+    for n, seed in ((settings.n, settings.seed), (settings.heldout_n, settings.heldout_seed)):
+        Evaluator(model, _batch_settings(n, seed, settings), cache).teacher()
+
+
+def _batch_settings(n: int, seed: int, settings: RefineSettings) -> EvaluationSettings:
+    return EvaluationSettings(n=n, seed=seed, batch_size=n, device=settings.device, features=settings.features,
+                              reference_steps=settings.reference_steps)
+
+
+def _rounded(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None  # JSON has no inf/NaN
 
 
 def _checked(loss: torch.Tensor, schedule: SolverSchedule) -> torch.Tensor:

@@ -102,6 +102,25 @@ def test_export_load_evaluate_gives_the_stored_metric(ray_session, tmp_path):
     assert evaluator.evaluate(schedule).fid == pytest.approx(outcome.best.metrics["fid"], rel=1e-5)
 
 
+def test_a_refinement_trial_stores_the_refined_schedule_with_its_parent_and_cost(ray_session, tmp_path):
+    """The `refine` algorithm on Ray: one trial refines the best baseline (the driver built its
+    teachers); the study stores the refined schedule under its parent's refinement key, with the
+    refinement's losses and cost, and it scores better than its parent on the search's noise."""
+    url = f"sqlite:///{tmp_path / 'refine.db'}"
+    experiment = replace(small_experiment(url, "refined", budget=1), algorithm="refine",
+                         algorithm_settings={"refine": {"n": 32, "heldout_n": 32, "iterations": 10}})
+    outcome = run_search(experiment, validate=False, export_dir=tmp_path)
+    history = open_existing(url, "refined").history()
+    refined = [e for e in history if e.refinement]
+    assert len(history) == 3 and len(refined) == 1
+    parent = min((e for e in history if not e.refinement), key=lambda e: e.values[0])
+    assert refined[0].key == f"refine:{parent.key}"
+    assert refined[0].refinement["parent_key"] == parent.schedule.decisions_key()
+    assert refined[0].cost["refine_seconds"] > 0 and len(refined[0].refinement["heldout_losses"]) >= 2
+    assert refined[0].values[0] < parent.values[0]
+    assert load_schedule(outcome.exported).provenance["refinement"]["parent_key"] == parent.schedule.decisions_key()
+
+
 def outcome_model(experiment):
     from solversearch.models.spec import load_model
 
@@ -123,7 +142,9 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(tmp_p
         "--storage", f"sqlite:///{db}", "--study", "killed", "--no-validation", "--out", str(tmp_path),
     ]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first-run.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     recorded = 0
     while time.time() < deadline and process.poll() is None:
@@ -135,7 +156,7 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(tmp_p
                 recorded = 0
             if recorded >= 3:
                 break
-    assert recorded >= 3, "the search did not record three trials in time"
+    assert recorded >= 3, f"the search did not record three trials in time (exit {process.poll()}):\n{log.read_text()[-3000:]}"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-search
     process.wait()
     before = {e.key for e in searched(open_existing(f"sqlite:///{db}", "killed").history())}

@@ -237,6 +237,15 @@ def _check_seeds(experiment: Experiment) -> Experiment:
             f"validation.seed: the validation seeds {list(experiment.validation_seeds)} include seed {clash[0]}, which "
             f"the search (metric.seed {search}) or the selection (seed {selection}) uses; pick another validation.seed"
         )
+    refine = experiment.algorithm_settings.get("refine") if experiment.algorithm in ("refine", "s3_refine") else None
+    if isinstance(refine, Mapping):
+        from ..refine import HELDOUT_SEED, TRAIN_SEED
+
+        used = {search, selection, *experiment.validation_seeds}
+        for name, default in (("seed", TRAIN_SEED), ("heldout_seed", HELDOUT_SEED)):
+            if refine.get(name, default) in used:
+                raise ExperimentError(f"algorithm.settings.refine.{name}: {refine.get(name)} is a search, selection or validation "
+                                      "seed; refinement must learn on noise no evaluation uses")
     return experiment
 
 

@@ -11,6 +11,7 @@ the winner is written as `<study>.json` with that comparison in its provenance.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -33,7 +34,8 @@ from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
 from .operators import Operators
 from .report import BEST_BASELINE, SEARCHED, Report, final_report
-from .searchers import Observation, ScheduleSearcher, drive, make_searcher
+from ..refine import RefineSettings, prepare_teachers
+from .searchers import REFINING, Observation, ScheduleSearcher, drive, make_searcher
 from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
 from .trainable import EvaluationContext, evaluate_trial, trial_result
 
@@ -96,12 +98,18 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
         raise SolversearchError(f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]")
     values = {e.key: list(e.values) for e in history} if len(objectives(experiment)) > 1 else None
     units, costs = pruning_context(experiment, model)
+    settings = dict(experiment.algorithm_settings)
+    if experiment.algorithm in REFINING:  # refinement learns in the metric's feature space
+        refine = settings.get("refine") or {}
+        if not isinstance(refine, dict):
+            raise SolversearchError(f"algorithm.settings.refine: expected a mapping, got {refine!r}")
+        settings["refine"] = {"features": experiment.metric.features, **refine}
     return make_searcher(
         experiment.algorithm,
         experiment.space,
         nfe,
         model.noise_schedule,
-        settings=experiment.algorithm_settings,
+        settings=settings,
         seed=experiment.algorithm_seed,  # the same seed on resume: the searcher re-plans its generation and skips what is done
         metric=metric,
         history=observations_from(history, experiment.metric.name),
@@ -136,7 +144,8 @@ class StudyRecorder:
         self.best = min((e.values[0] for e in store.history() if math.isfinite(e.values[0])), default=math.inf)
 
     def record(self, config: dict[str, Any], result: dict[str, Any]) -> None:
-        schedule = SolverSchedule.from_dict(config["schedule"])
+        refined = "refined_schedule" in result  # a refinement trial: what was evaluated is the refined schedule
+        schedule = SolverSchedule.from_json(result["refined_schedule"]) if refined else SolverSchedule.from_dict(config["schedule"])
         schedule = schedule.with_metadata(
             name=schedule.name or f"{self.experiment.study_name}/{config['key']}",
             noise_schedule=self.noise.to_dict(),
@@ -146,11 +155,13 @@ class StudyRecorder:
         diverged = bool(result.get("diverged"))
         metrics = {k: float(result[k]) for k in METRIC_NAMES if _number(result.get(k))}
         values = [math.inf if diverged else float(result[o]) for o in objectives(self.experiment)]
-        cost = {k: float(result[k]) for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs") if _number(result.get(k))}
+        cost = {k: float(result[k]) for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs", "refine_seconds")
+                if _number(result.get(k))}
         self.store.record(
             schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
             stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
             worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator", "prepared") if k in result},
+            refinement=json.loads(result["refinement"]) if refined else None,
         )
         self.recorded += 1
         if math.isfinite(values[0]):
@@ -208,6 +219,10 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
             context = EvaluationContext(model=experiment.model, settings=settings,
                                         threads=max(1, int(experiment.resources.cpu)))
             searcher = build_searcher(experiment, model, history)
+            if getattr(searcher, "refine_settings", None):  # the refinement batches' teachers: built here once, read by the workers
+                notify({"phase": "prepare", "what": "refinement teachers", "done": 0, "total": 1})
+                prepare_teachers(model, RefineSettings(**searcher.refine_settings))
+                notify({"phase": "prepare", "what": "refinement teachers", "done": 1, "total": 1})
             new += _run_tune(experiment, context, prepared, StudyRecorder(store, experiment, model, searcher, on_update),
                              remaining, time_budget_s=experiment.budget.wall_time_s)
     store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
@@ -232,6 +247,7 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
                         "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
                         "model": experiment.model, "prediction_type": model.denoiser.prediction_type,
                         "objective": experiment.metric.name,
+                        **({"refinement": best.stored.refinement} if best.stored.refinement else {}),
                         **({"comparison": report.comparison_record()} if report.comparisons else {})},
         )
         folder = export_dir or Path(".")

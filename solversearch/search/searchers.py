@@ -50,11 +50,24 @@ class Observation:
 
 @dataclass
 class Proposal:
-    """A schedule a searcher hands out for evaluation, with its canonical key and its stage."""
+    """A schedule a searcher hands out for evaluation, with its canonical key and its stage. A
+    refinement proposal (`refine`) asks the worker to refine the schedule (refine.py) and evaluate the
+    result; its key names the parent (`refinement_key`), since the refined times are not known yet."""
 
     schedule: SolverSchedule
     key: str
     stage: int
+    refine: bool = False
+
+
+def refinement_key(parent_key: str) -> str:
+    """The key of the trial that refines the schedule with canonical key `parent_key`: each schedule
+    is refined at most once, and a resumed search knows which were."""
+    return f"refine:{parent_key}"
+
+
+def is_refinement(key: str) -> bool:
+    return key.startswith("refine:")
 
 
 class ScheduleSearcher(Searcher):
@@ -86,6 +99,7 @@ class ScheduleSearcher(Searcher):
         self.stage = 0
         self.n_units: int | None = None  # the model's prunable units, when the space skips blocks
         self.timings: dict[str, float] = {"predictor_seconds": 0.0}
+        self.refine_settings: dict[str, Any] = {}  # what refinement trials run with (refine.RefineSettings)
         for observation in history:
             self.observations.append(observation)
             self.known.add(observation.key)
@@ -98,7 +112,10 @@ class ScheduleSearcher(Searcher):
             return proposal
         self.pending[trial_id] = proposal
         self.known.add(proposal.key)
-        return {"schedule": proposal.schedule.to_dict(), "key": proposal.key, "stage": proposal.stage, "algorithm": self.algorithm}
+        config = {"schedule": proposal.schedule.to_dict(), "key": proposal.key, "stage": proposal.stage, "algorithm": self.algorithm}
+        if proposal.refine:
+            config["refine"] = dict(self.refine_settings)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         proposal = self.pending.pop(trial_id, None)
@@ -110,7 +127,8 @@ class ScheduleSearcher(Searcher):
             self._lost(proposal)
             return
         value = _value(result, self.metric)
-        observation = Observation(proposal.schedule, proposal.key, value, proposal.stage, self.algorithm)
+        schedule = SolverSchedule.from_json(result["refined_schedule"]) if proposal.refine else proposal.schedule
+        observation = Observation(schedule, proposal.key, value, proposal.stage, self.algorithm)
         self.observations.append(observation)
         self._observed(observation, proposal)
 
@@ -455,6 +473,63 @@ class S3Searcher(EvolutionSearcher):
         return True
 
 
+class HybridS3Searcher(S3Searcher):
+    """S³ with gradient refinement: every generation after stage 0 also refines the `refine_top` best
+    schedules evaluated so far that were not refined yet (the baseline pool's best included; refined
+    results are not refined again). Each refinement is one trial: a worker learns the parent's times
+    and step factors against the teacher (refine.py) and truly evaluates the result, which is stored as
+    its own trial with its parent's key and its refinement's cost and loss curve. S³ then breeds from
+    refined schedules like any other: the discrete decisions are searched, the continuous ones learned."""
+
+    algorithm = "s3_refine"
+
+    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, *, refine_top: int = 2,
+                 refine: Mapping[str, Any] | None = None, **kwargs: Any):
+        if isinstance(refine_top, bool) or not isinstance(refine_top, int) or refine_top < 1:
+            raise SolversearchError(f"algorithm 's3_refine': refine_top must be a positive integer, got {refine_top!r}")
+        super().__init__(space, nfe, noise, **kwargs)
+        self.refine_top = refine_top
+        self.refine_settings = _refine_settings(refine, space)
+
+    def _plan_stage(self) -> list[Proposal]:
+        known = self._planning_set(self.stage)
+        refined = {o.key for o in known if is_refinement(o.key)}
+        parents = [o for o in _best([o for o in known if not is_refinement(o.key)], len(known))
+                   if refinement_key(o.key) not in refined]
+        refinements = [Proposal(o.schedule, refinement_key(o.key), self.stage, refine=True) for o in parents[: self.refine_top]]
+        return refinements + super()._plan_stage()
+
+
+class RefineSearcher(ScheduleSearcher):
+    """Refine given schedules, the LD3 setting: one trial per schedule, no search. The schedules are
+    `schedules` (JSON files) and `presets` ("name/grid" at the search's NFE), or by default the `top`
+    best schedules already in the study (the baseline pool's best: the best hand-designed solver)."""
+
+    algorithm = "refine"
+
+    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, *, schedules: Sequence[str] = (),
+                 presets: Sequence[str] = (), top: int = 1, refine: Mapping[str, Any] | None = None, **kwargs: Any):
+        from ..schedule import load_schedule
+
+        super().__init__(space, nfe, noise, **kwargs)
+        self.refine_settings = _refine_settings(refine, space)
+        parents = [load_schedule(path) for path in schedules]
+        for text in presets:
+            name, _, grid = str(text).partition("/")
+            parents.append(build(name, noise, nfe, grid or "logsnr"))
+        if not parents:
+            parents = [o.schedule for o in _best((o for o in self.observations if not is_refinement(o.key)), top)]
+        if not parents:
+            raise SolversearchError("algorithm 'refine' has nothing to refine: give settings schedules or presets, or a study with evaluations")
+        wrong = [p.name or "(unnamed)" for p in parents if p.nfe != nfe]
+        if wrong:
+            raise SolversearchError(f"algorithm 'refine': {wrong} do not have NFE {nfe}")
+        self.queue = [Proposal(p, refinement_key(self.ops.key(p)), 1, refine=True) for p in parents]
+
+    def _propose(self):
+        return self._next_unknown(self.queue) or Searcher.FINISHED
+
+
 class OptunaScheduleSearcher(ScheduleSearcher):
     """Optuna's samplers (tpe, gp, nsga2) through Ray Tune's OptunaSearch over the flat encoding.
 
@@ -579,7 +654,9 @@ def _capped(value: float) -> float:
     return value if math.isfinite(value) else 1e12
 
 
-SEARCHERS: dict[str, type[ScheduleSearcher]] = {"s3": S3Searcher, "evolution": EvolutionSearcher, "random": RandomSearcher}
+SEARCHERS: dict[str, type[ScheduleSearcher]] = {"s3": S3Searcher, "s3_refine": HybridS3Searcher, "evolution": EvolutionSearcher,
+                                                 "random": RandomSearcher, "refine": RefineSearcher}
+REFINING = ("s3_refine", "refine")
 OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2")
 ALGORITHMS = (*SEARCHERS, "autodiffusion", *OPTUNA_SAMPLERS)
 
@@ -638,8 +715,10 @@ def drive(
     evaluate: Callable[[SolverSchedule], dict[str, float]],
     budget: int,
     on_result: Callable[[dict[str, Any], dict[str, float]], None] | None = None,
+    refine: Callable[[SolverSchedule, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
-    """Run a searcher in-process, one evaluation at a time; returns the number of evaluations."""
+    """Run a searcher in-process, one evaluation at a time; returns the number of evaluations.
+    `refine(schedule, settings)` runs refinement trials (trainable.refinement_result)."""
     done = 0
     while done < budget:
         trial_id = f"local-{done}"
@@ -648,12 +727,41 @@ def drive(
             break
         if config is None:
             raise RuntimeError(f"{type(searcher).__name__} waited although every result is in")
-        result = evaluate(SolverSchedule.from_dict(config["schedule"]))
+        schedule = SolverSchedule.from_dict(config["schedule"])
+        if config.get("refine") is not None:
+            if refine is None:
+                raise RuntimeError(f"{type(searcher).__name__} proposed a refinement, but drive() was given no refine")
+            result = refine(schedule, config["refine"])
+        else:
+            result = evaluate(schedule)
         searcher.on_trial_complete(trial_id, result)
         if on_result is not None:
             on_result(config, result)
         done += 1
     return done
+
+
+def _refine_settings(refine: Mapping[str, Any] | None, space: SearchSpace) -> dict[str, Any]:
+    """Refinement settings as plain data for the trial config, checked by building them once. The end
+    time moves within the space's range of positive end times unless `end_range` says otherwise."""
+    from ..refine import RefineSettings
+
+    if refine is not None and not isinstance(refine, Mapping):
+        raise SolversearchError(f"refine: expected a mapping of refinement settings, got {refine!r}")
+    settings = dict(refine or {})
+    if "device" in settings:
+        raise SolversearchError("refine.device: a worker refines on the device it evaluates on")
+    ends = [t for t in space.timesteps.t_end if t > 0]
+    if "end_range" in settings:
+        settings["end_range"] = tuple(settings["end_range"])
+    elif ends:
+        low = min(min(ends), space.timesteps.t_min)
+        settings["end_range"] = (low, max(ends)) if max(ends) > low else None
+    try:
+        RefineSettings(**settings)
+    except TypeError as exc:
+        raise SolversearchError(f"refine: bad settings ({exc})") from None
+    return settings
 
 
 def _value(result: Mapping[str, Any], metric: str) -> float:

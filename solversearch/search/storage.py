@@ -54,6 +54,7 @@ class StoredEvaluation:
     n: int
     seed: int
     worker: dict[str, Any] = field(default_factory=dict)  # where it ran: node id, pid
+    refinement: dict[str, Any] = field(default_factory=dict)  # a refined schedule: its parent, losses, cost
 
 
 class StudyStore:
@@ -130,6 +131,7 @@ class StudyStore:
         n: int,
         seed: int,
         worker: Mapping[str, Any] | None = None,
+        refinement: Mapping[str, Any] | None = None,
     ) -> int:
         """Store one evaluated schedule as a COMPLETE trial; returns its trial number. `worker` (node,
         pid) says where it was evaluated.
@@ -158,6 +160,8 @@ class StudyStore:
         }
         if worker:
             user_attrs["worker"] = _json_plain(dict(worker), "the worker description")
+        if refinement:
+            user_attrs["refinement"] = _json_plain(dict(refinement), "the refinement summary")
         trial = optuna.trial.create_trial(
             state=TrialState.COMPLETE,
             values=values,
@@ -409,6 +413,7 @@ def _evaluation(trial: FrozenTrial) -> StoredEvaluation | None:
         n=int(attrs.get("n", 0)),
         seed=int(attrs.get("seed", 0)),
         worker=dict(attrs.get("worker", {})),
+        refinement=dict(attrs.get("refinement", {})),
     )
 
 

@@ -7,6 +7,7 @@ the driver through Ray's object store: a worker never builds them.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,14 +49,34 @@ def evaluator_for(context: EvaluationContext, prepared: Prepared | None = None) 
 
 
 def evaluate_trial(config: dict[str, Any], context: EvaluationContext, prepared: Prepared | None = None) -> dict[str, Any]:
-    """Score the trial's schedule and report the metrics and costs to Tune (also returned)."""
+    """Score the trial's schedule and report the metrics and costs to Tune (also returned). A
+    refinement trial (config "refine") first refines the schedule, then scores the refined one."""
     from ray import tune
 
     built = context not in _EVALUATORS
+    evaluator = evaluator_for(context, prepared)
     schedule = SolverSchedule.from_dict(config["schedule"])
-    report = {**trial_result(evaluator_for(context, prepared), schedule, built_evaluator=built), "key": config["key"]}
+    if config.get("refine") is not None:
+        report = {**refinement_result(evaluator, schedule, config["refine"], built_evaluator=built), "key": config["key"]}
+    else:
+        report = {**trial_result(evaluator, schedule, built_evaluator=built), "key": config["key"]}
     tune.report(report)
     return report
+
+
+def refinement_result(evaluator: Evaluator, parent: SolverSchedule, settings: dict[str, Any],
+                      built_evaluator: bool = False) -> dict[str, Any]:
+    """Refine `parent` on the evaluator's model (on its device), then score the refined schedule: its
+    result, the refined schedule as JSON, and the refinement's summary and cost."""
+    from ..refine import RefineSettings, refine
+
+    refinement = refine(evaluator.model, parent, RefineSettings(**settings, device=str(evaluator.device)), cache=evaluator.cache)
+    return {
+        **trial_result(evaluator, refinement.schedule, built_evaluator=built_evaluator),
+        "refined_schedule": refinement.schedule.to_json(indent=None),
+        "refinement": json.dumps(refinement.summary()),
+        "refine_seconds": refinement.seconds,
+    }
 
 
 def trial_result(evaluator: Evaluator, schedule: SolverSchedule, built_evaluator: bool = False) -> dict[str, Any]:
