@@ -188,12 +188,12 @@ class _Scored:
 def _evaluator(model: ModelHandle, experiment: Experiment, seed: int, progress: Progress, what: str) -> Evaluator:
     """A fresh-noise evaluator with `validation_factor`× the search's samples, its reference and teacher
     built (with progress) before the first schedule is scored."""
-    evaluator = Evaluator(model, _settings(experiment, seed))
+    evaluator = Evaluator(model, validation_settings(experiment, seed))
     evaluator.prepare(lambda built, done, total: progress(f"{what}: {built}", done, total))
     return evaluator
 
 
-def _settings(experiment: Experiment, seed: int) -> EvaluationSettings:
+def validation_settings(experiment: Experiment, seed: int) -> EvaluationSettings:
     return replace(
         evaluation_settings(experiment),
         seed=seed,

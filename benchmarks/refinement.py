@@ -1,0 +1,123 @@
+"""Gradient refinement on the bundled model: the best baseline, the baseline refined, the S³ winner and the
+hybrid S³ + refinement winner, on fresh seeds.
+
+For each NFE: runs the main job's experiment (experiments/digits.yaml) as an S³ study — the full
+baseline pool, the search, the winner and the best baseline picked on the selection seed — and the same
+experiment with `algorithm: s3_refine` as a second study; refines the S³ study's best baseline on its
+own (the LD3 setting: `solversearch refine`); then scores all four, and the converged teacher (the
+floor), on the experiment's validation seeds (n = metric.n × validation.n_factor; the same x_T for
+every row, so every comparison is paired). Prints, per metric (FID and KID to the real digits, the
+feature-space teacher distance), the means, each row's paired difference from the best baseline with its
+95 % confidence interval, the verdict and the share of the baseline's excess over the floor the row
+leaves, (row − floor) / (baseline − floor); and each row's wall time. The goal of issue 12: the hybrid
+leaves ≤ 0.3 of the excess at NFE 5, significantly.
+
+    python benchmarks/refinement.py --nfe 4,5,6 [--budget 120] [--storage sqlite:///refinement.db] [--json refinement.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from solversearch.evaluator import Evaluator
+from solversearch.models.spec import load_model
+from solversearch.refine import RefineSettings, refine
+from solversearch.search.experiment import load_experiment
+from solversearch.search.report import BEST_BASELINE, SEARCHED, validation_settings
+from solversearch.search.runner import run_search
+from solversearch.statistics import excess_ratio, paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("fid", "kid", "teacher_distance")
+ROWS = ("best baseline", "baseline refined", "S³ winner", "hybrid winner")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default=str(REPO / "experiments" / "digits.yaml"))
+    parser.add_argument("--nfe", default="4,5,6")
+    parser.add_argument("--budget", type=int, help="search budget of both studies (default: the experiment's)")
+    parser.add_argument("--refine-top", type=int, default=1, help="schedules the hybrid refines per generation")
+    parser.add_argument("--storage", default="sqlite:///refinement.db", help="studies resume: a fresh database for fresh figures")
+    parser.add_argument("--out", default=".", help="folder for the winners' schedule files")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+
+    base = load_experiment(args.experiment)
+    model = load_model(base.model)
+    summary = {}
+    for nfe in (int(x) for x in args.nfe.split(",")):
+        s3_experiment = base.override(nfe=nfe, budget=args.budget, storage_url=args.storage, study=f"refinement-s3-nfe{nfe}")
+        hybrid_experiment = replace(s3_experiment, study=f"refinement-hybrid-nfe{nfe}", algorithm="s3_refine",
+                                    algorithm_settings={**base.algorithm_settings, "refine_top": args.refine_top})
+        started = time.perf_counter()
+        s3 = run_search(s3_experiment, export_dir=Path(args.out))
+        s3_seconds = time.perf_counter() - started
+        preset = s3.report.row(BEST_BASELINE).stored.schedule
+        refinement = refine(model, preset, RefineSettings(features=base.metric.features))
+        started = time.perf_counter()
+        hybrid = run_search(hybrid_experiment, export_dir=Path(args.out))
+        hybrid_seconds = time.perf_counter() - started
+
+        schedules = {"best baseline": preset, "baseline refined": refinement.schedule,
+                     "S³ winner": s3.report.row(SEARCHED).stored.schedule, "hybrid winner": hybrid.report.row(SEARCHED).stored.schedule}
+        seconds = {"best baseline": math.nan, "baseline refined": refinement.seconds, "S³ winner": s3_seconds, "hybrid winner": hybrid_seconds}
+        scores = {label: {m: [] for m in METRICS} for label in (*ROWS, "floor")}
+        for seed in s3_experiment.validation_seeds:
+            evaluator = Evaluator(model, validation_settings(s3_experiment, seed))
+            results = {label: evaluator.evaluate(schedule).metrics() for label, schedule in schedules.items()}
+            results["floor"] = evaluator.floor().metrics()
+            for label, metrics in results.items():
+                for m in METRICS:
+                    scores[label][m].append(metrics.get(m, math.nan))
+
+        n = s3_experiment.metric.n * s3_experiment.validation_factor
+        print(f"\nNFE {nfe}: validation seeds {list(s3_experiment.validation_seeds)}, n={n}; "
+              f"refinement: {refinement.best_iteration} of {len(refinement.train_losses) - 1} iterations, "
+              f"held-out teacher distance {refinement.heldout_losses[0]:.4f} → {refinement.heldout_losses[refinement.best_iteration]:.4f}")
+        for label in ROWS:
+            print(f"  {label:<15} {schedules[label].name}  ({_duration(seconds[label])})")
+        figures = {}
+        for m in METRICS:
+            floor = _mean(scores["floor"][m])
+            print(f"  {m:<17}{'mean':>10}   {'− best baseline [95% CI]':<34}{'verdict':<27}{'excess left':>11}   (floor {floor:.4g})")
+            figures[m] = {"floor": floor}
+            for label in ROWS:
+                mean = _mean(scores[label][m])
+                if label == "best baseline":
+                    print(f"    {label:<15}{mean:>10.4g}")
+                    figures[m][label] = {"mean": mean, "values": scores[label][m]}
+                    continue
+                difference = paired_difference(scores[label][m], scores["best baseline"][m])
+                excess = excess_ratio(mean, _mean(scores["best baseline"][m]), floor)
+                print(f"    {label:<15}{mean:>10.4g}   {f'{difference.mean:+.4g} [{difference.low:+.4g}, {difference.high:+.4g}]':<34}"
+                      f"{difference.verdict:<27}{excess:>11.2f}")
+                figures[m][label] = {"mean": mean, "values": scores[label][m], **difference.to_dict(), "excess_left": excess}
+        hybrid_fid = figures["fid"]["hybrid winner"]
+        goal = hybrid_fid["verdict"] == "better" and hybrid_fid["excess_left"] <= 0.3
+        print(f"  goal (hybrid better on FID, excess left ≤ 0.3): {'met' if goal else 'not met'}")
+        summary[nfe] = {"schedules": {k: v.to_dict() for k, v in schedules.items()}, "seconds": seconds, "metrics": figures,
+                        "refinement": refinement.summary(), "goal_met": goal}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _duration(seconds: float) -> str:
+    return "–" if not math.isfinite(seconds) else f"{seconds:.0f} s"
+
+
+def _plain(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+if __name__ == "__main__":
+    main()
