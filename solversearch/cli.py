@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("refine", help="learn a schedule's times (and step factors) against the converged solution")
     p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
-    p.add_argument("--schedule", required=True, help="a schedule JSON file, or PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe")
+    p.add_argument("--schedule", required=True,
+                   help="a schedule JSON file, PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe, or STUDY[:RANK] with --storage")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study named by --schedule STUDY[:RANK]")
     p.add_argument("--nfe", type=_positive_int, default=5, help="NFE of a preset schedule (default 5)")
     p.add_argument("--out", required=True, help="the refined schedule JSON")
     p.add_argument("--n", type=_positive_int, default=64, help="training samples (x_T from a seed no search uses)")
@@ -284,7 +286,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     settings = RefineSettings(n=args.n, heldout_n=args.heldout_n, iterations=args.iterations, learning_rate=args.learning_rate,
                               patience=args.patience, learn_factors=not args.no_factors, features=args.features, device=args.device)
     model = load_model(args.model, args.device)
-    parent = _schedule_argument(args.schedule, model.noise_schedule, args.nfe)
+    parent = _schedule_argument(args.schedule, model.noise_schedule, args.nfe, args.storage)
 
     def report(iteration: int, train: float, heldout: float) -> None:
         print(f"iteration {iteration:3d}: training {train:.5f} · held-out {heldout:.5f}", flush=True)
@@ -303,8 +305,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule_argument(text: str, noise, nfe: int):
-    """A schedule JSON file, or PRESET[/GRID] built on the model's noise schedule."""
+def _schedule_argument(text: str, noise, nfe: int, storage: str | None = None):
+    """A schedule JSON file, a stored trial (STUDY[:RANK] with a storage), or PRESET[/GRID] built on the
+    model's noise schedule."""
     from pathlib import Path
 
     from . import presets
@@ -312,6 +315,15 @@ def _schedule_argument(text: str, noise, nfe: int):
 
     if Path(text).exists() or text.endswith(".json"):
         return load_schedule(text)
+    if storage is not None:
+        from .search.storage import open_existing, storage_url
+
+        study, _, rank = text.partition(":")
+        rank_number = _positive_int(rank or "1")
+        ranked = open_existing(storage_url(storage), study).best(k=rank_number)
+        if len(ranked) < rank_number:
+            raise SolversearchError(f"study {study!r} has only {len(ranked)} finished schedules; there is no rank {rank_number}")
+        return ranked[rank_number - 1].schedule
     name, _, grid = text.partition("/")
     if name not in presets.PRESETS:
         raise SolversearchError(f"--schedule: {text!r} is neither a schedule file nor a preset; presets: {sorted(presets.PRESETS)}")

@@ -139,3 +139,21 @@ def test_a_schedule_that_diverges_cannot_be_refined(mixture, tmp_path):
 def test_bad_refinement_settings_are_user_errors(bad, message):
     with pytest.raises(SolversearchError, match=message):
         RefineSettings(**bad)
+
+
+def test_the_refine_command_writes_a_refined_schedule_or_fails_cleanly(tmp_path, monkeypatch, capsys):
+    from solversearch.cli import main
+
+    monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "refined.json"
+    assert main(["refine", "--model", "gmm:digits", "--schedule", "ddim/logsnr", "--nfe", "4", "--out", str(out),
+                 "--iterations", "3", "--n", "16", "--heldout-n", "16"]) == 0
+    refined = load_schedule(out)
+    assert refined.nfe == 4 and refined.provenance["refinement"]["iterations"] >= 1
+    assert "held-out teacher distance" in capsys.readouterr().out
+    for bad in (["--schedule", "nope"], ["--schedule", "ddim", "--out", str(tmp_path / "missing" / "x.json")],
+                ["--schedule", "ddim", "--learning-rate", "0"], ["--schedule", "study:2", "--storage", f"sqlite:///{tmp_path}/none.db"]):
+        arguments = ["refine", "--model", "gmm:digits", "--out", str(tmp_path / "bad.json"), *bad]
+        assert main(arguments) == 2, bad
+        assert not (tmp_path / "bad.json").exists()
+    assert capsys.readouterr().err.count("solversearch: error:") == 4
