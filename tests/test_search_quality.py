@@ -3,10 +3,18 @@ FID is computed against the mixture's own moments, so no proxy can be gamed. The
 the whole baseline pool are re-scored on five validation seeds the search never saw (twice the samples).
 The searched schedule must have the lower mean exact FID and be significantly closer to the converged
 solution: a paired 95 % interval below zero on the teacher distance. (Five seeds are too few for
-the FID interval itself to exclude zero at these margins: its seed-to-seed spread is about 0.01.)"""
+the FID interval itself to exclude zero at these margins: its seed-to-seed spread is about 0.01.)
+
+The search is the hybrid S³ with gradient refinement (`s3_refine`), and it searches the teacher
+distance, the quantity refinement learns. Plain S³ is not robust here: its trajectory changes with
+every predictor-planned generation, and at NFE 4 some trajectories end farther from the teacher than
+the best baseline (+0.001 and +0.003 in two runs), others closer. With the FID as objective the
+hybrid's NFE-4 winner beat the best baseline's exact FID significantly but was farther from the
+teacher: on the mixture the two disagree, and the claim checked here needs both."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,11 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nfe", [4, 6])
-def test_s3_on_the_exact_mixture_beats_the_best_baseline_on_fresh_noise(nfe, tmp_path, monkeypatch):
+def test_the_hybrid_on_the_exact_mixture_beats_the_best_baseline_on_fresh_noise(nfe, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    experiment = load_experiment(REPO / "experiments" / "gmm_digits.yaml").override(
-        nfe=nfe, storage_url=f"sqlite:///{tmp_path / 'gmm.db'}"
-    )
+    base = load_experiment(REPO / "experiments" / "gmm_digits.yaml")
+    experiment = replace(base.override(nfe=nfe, storage_url=f"sqlite:///{tmp_path / 'gmm.db'}"), algorithm="s3_refine",
+                         algorithm_settings={**base.algorithm_settings, "refine_top": 1},
+                         metric=replace(base.metric, name="teacher_distance"))
     outcome = run_search(experiment, export_dir=tmp_path)
     report = outcome.report
     searched, baseline = report.row(SEARCHED), report.row(BEST_BASELINE)
