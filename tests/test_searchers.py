@@ -10,12 +10,13 @@ import pytest
 from ray.tune.search import Searcher
 
 from solversearch import DiscreteVP, SolverSchedule
-from solversearch.search.searchers import ALGORITHMS, Observation, drive, make_searcher
+from solversearch.search.searchers import ALGORITHMS, REFINING, Observation, drive, make_searcher
 from solversearch.search.space import load_space
 
 NOISE = DiscreteVP.from_diffusers_config({})
 USF = load_space("search_spaces/usf.yaml")
-GENERIC = [a for a in ALGORITHMS if a not in ("nsga2", "autodiffusion")]  # nsga2 and autodiffusion: own tests
+# nsga2 and autodiffusion have their own tests; refinement needs a model (tests/test_refine_search.py)
+GENERIC = [a for a in ALGORITHMS if a not in ("nsga2", "autodiffusion", *REFINING)]
 # A 5-step λ grid no preset grid matches: dense at high noise, sparse at low noise.
 TARGET = NOISE.lambda_(1.0) + (NOISE.lambda_(1e-3) - NOISE.lambda_(1.0)) * np.linspace(0, 1, 6) ** 1.7
 
