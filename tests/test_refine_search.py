@@ -74,7 +74,7 @@ def test_the_refine_algorithm_refines_the_best_schedule_of_the_study_or_the_pres
     pool, _ = run(evaluator, 2, settings={"stage0_presets": ["ddim", "dpmpp_2m"], "stage0_grids": ["logsnr"], "stage0_mutants": 0},
                   algorithm="evolution")
     best = min(pool.observations, key=lambda o: o.value)
-    searcher, trials = run(evaluator, 5, history=pool.observations, settings={"refine": REFINE}, algorithm="refine")
+    _, trials = run(evaluator, 5, history=pool.observations, settings={"refine": REFINE}, algorithm="refine")
     assert [c["key"] for c, _ in trials] == [refinement_key(best.key)]  # one trial, then finished
     _, trials = run(evaluator, 5, settings={"presets": ["ddim/logsnr", "dpmpp_2m/time_uniform"], "refine": REFINE}, algorithm="refine")
     assert len(trials) == 2 and all(is_refinement(c["key"]) for c, _ in trials)

@@ -27,6 +27,7 @@ from ray.tune import Callback
 from ..errors import SolversearchError
 from ..evaluator import METRIC_NAMES, Evaluator, Prepared
 from ..models.spec import ModelHandle, load_model
+from ..refine import RefineSettings, prepare_teachers
 from ..schedule import SolverSchedule
 from .baseline_pool import ALGORITHM as BASELINE_POOL
 from .baseline_pool import BaselinePool
@@ -34,7 +35,6 @@ from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
 from .operators import Operators
 from .report import BEST_BASELINE, SEARCHED, Report, final_report
-from ..refine import RefineSettings, prepare_teachers
 from .searchers import REFINING, Observation, ScheduleSearcher, drive, make_searcher
 from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
 from .trainable import EvaluationContext, evaluate_trial, trial_result
