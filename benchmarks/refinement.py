@@ -78,7 +78,7 @@ def main() -> None:
 
         n = s3_experiment.metric.n * s3_experiment.validation_factor
         print(f"\nNFE {nfe}: validation seeds {list(s3_experiment.validation_seeds)}, n={n}; "
-              f"refinement: {refinement.best_iteration} of {len(refinement.train_losses) - 1} iterations, "
+              f"refinement: {refinement.best_iteration} of {len(refinement.heldout_losses) - 1} iterations, "
               f"held-out teacher distance {refinement.heldout_losses[0]:.4f} → {refinement.heldout_losses[refinement.best_iteration]:.4f}")
         for label in ROWS:
             print(f"  {label:<15} {schedules[label].name}  ({_duration(seconds[label])})")

@@ -46,7 +46,8 @@ TRAIN_SEED = 2**31 - 3
 HELDOUT_SEED = 2**31 - 4
 EDGE = 1e-4  # an end time on a bound of its range starts this fraction of the range inside it
 
-Progress = Callable[[int, float, float], None]  # (iteration, training loss, held-out loss)
+# (iteration i, training loss of the iterate step i started from, held-out loss of the iterate it reached)
+Progress = Callable[[int, float, float], None]
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ class RefineSettings:
 
 @dataclass(frozen=True)
 class Refinement:
-    """A refined schedule and how it was found: the losses per iteration (index 0: the parent's),
-    the iteration kept (0: nothing beat the parent on the held-out batch) and the wall time."""
+    """A refined schedule and how it was found: the losses of every iterate (index 0: the parent; the
+    training loss of the last iterate is never computed), the iterate kept (0: nothing beat the parent
+    on the held-out batch) and the wall time."""
 
     schedule: SolverSchedule
     parent: SolverSchedule
@@ -113,7 +115,7 @@ class Refinement:
             "parent": self.parent.name,
             "parent_key": self.parent.decisions_key(),
             "seconds": round(self.seconds, 3),
-            "iterations": len(self.train_losses) - 1,
+            "iterations": len(self.heldout_losses) - 1,
             "best_iteration": self.best_iteration,
             "train_losses": [_rounded(v) for v in self.train_losses],
             "heldout_losses": [_rounded(v) for v in self.heldout_losses],
@@ -206,7 +208,6 @@ def refine(
     settings = settings or RefineSettings()
     check_noise_schedule(schedule, model.noise_schedule)  # times mean nothing on another noise schedule
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)  # nothing here draws, but a model with dropout in train mode would
     noise = model.noise_schedule
     shape = TimeParametrisation(schedule, noise, settings.end_range)
     train = _TeacherBatch(model, settings.n, settings.seed, settings, cache)
@@ -228,12 +229,14 @@ def refine(
             return float(heldout.loss(plan()[2]))
 
     optimiser = torch.optim.Adam(parameters, lr=settings.learning_rate)
-    first_train = float(_checked(train.loss(plan()[2]).detach(), schedule))
-    train_losses, heldout_losses = [first_train], [held_out_loss()]
+    train_losses: list[float] = []  # at iterates 0 … k − 1: the loss each step descends from
+    heldout_losses = [held_out_loss()]  # at iterates 0 … k
     best_iteration, best = 0, (shape.lambdas(split, end).detach(), factors.detach().clone())
     for iteration in range(1, settings.iterations + 1):
         optimiser.zero_grad()
         loss = train.loss(plan()[2])
+        if iteration == 1:
+            _checked(loss.detach(), schedule)
         if not loss.requires_grad:
             raise SolversearchError(f"the features {train.evaluator.features.identity!r} are not differentiable: "
                                     "refinement needs identity, digits or another torch feature network")

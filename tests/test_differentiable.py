@@ -17,23 +17,10 @@ from solversearch.models import GaussianMixtureDenoiser
 from solversearch.plan import compile_plan
 from solversearch.sampler import execute
 
+from .test_exact_steps import PROBE  # every order, both forms, every scaling, both factors, UniC, a step to t = 0
+
 S = Step
 SCALINGS = [S(scaling="none"), S(scaling="bh1"), S(scaling="bh2"), S(scaling="linear", linear_coefficient=0.7)]
-# Every order 1-4 in both forms, every scaling, both derivative factors, low-order derivatives through
-# older points, UniC after orders 1-3, an analytic first step is tested separately; the last step to t = 0.
-PROBE = SolverSchedule(
-    timesteps=(1.0, 0.8, 0.62, 0.5, 0.37, 0.25, 0.16, 0.08, 0.0),
-    steps=(
-        S("data", 1, (), "bh2", corrector="unic"),
-        S("noise", 2, ((1,),), "bh1", first_derivative_factor=1.3, corrector="unic"),
-        S("data", 3, ((1, 2), (1, 2)), "linear", 0.7, first_derivative_factor=0.8, second_derivative_factor=0.5),
-        S("noise", 4, ((1, 2, 3), (1, 2, 3), (1, 2, 3)), "bh2", corrector="unic"),
-        S("data", 3, ((2,), (1, 3)), "bh1", corrector="unic"),
-        S("noise", 1, (), "bh1", corrector="unic"),
-        S("data", 2, ((1, 3),), "none", corrector="unic"),
-        S("noise", 1),
-    ),
-)
 OPEN_END = SolverSchedule(  # ends at t > 0: the last λ is finite and learnable too
     timesteps=(0.9, 0.6, 0.35, 0.15, 0.04, 0.002),
     steps=(S("noise", 1, (), "bh1", corrector="unic"), S("data", 2, ((1,),), "bh2", corrector="unic"),
