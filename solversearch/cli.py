@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-n", type=_positive_int, default=64, help="held-out samples for early stopping")
     p.add_argument("--iterations", type=_positive_int, default=60)
     p.add_argument("--learning-rate", type=float, default=0.1)
-    p.add_argument("--patience", type=_positive_int, default=8, help="stop after this many iterations without a held-out gain")
+    p.add_argument("--patience", type=_positive_int, default=8, help="stop after this many steps in a row without a held-out gain (each is undone and the learning rate halved)")
     p.add_argument("--no-factors", action="store_true", help="learn the times only, not the first-derivative factors")
     p.add_argument("--features", choices=["identity", "digits"], help="feature space of the loss (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")

@@ -15,8 +15,10 @@ The loss is the evaluator's teacher distance: LPIPS-style distances in the metri
 between the samples and the converged solution (`evaluator.teacher_schedule`) from the same x_T, on a
 training batch whose seeds no search, selection or validation uses. (A pixel MSE would prefer blurred
 outputs: see README "What the numbers mean".) Full-batch Adam; after every step the held-out batch is
-scored and the best held-out iterate is kept, so the result never scores worse there than the schedule
-it started from. The result is an ordinary `SolverSchedule`: it loads and samples everywhere.
+scored: a step that does not lower it is undone and the learning rate halved (Adam's first steps move
+every parameter by about the learning rate, which overshoots near an optimum), and `patience` such
+failures in a row end the refinement. The best held-out iterate is kept, so the result never scores
+worse there than the schedule it started from. The result is an ordinary `SolverSchedule`: it loads and samples everywhere.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from .differentiable import plan_from_lambdas
-from .errors import SolversearchError
+from .errors import ScheduleError, SolversearchError
 from .evaluator import TEACHER_STEPS, EvaluationSettings, Evaluator
 from .metrics.features import perceptual_distance
 from .metrics.reference import ArrayCache
@@ -91,9 +93,9 @@ class RefineSettings:
 
 @dataclass(frozen=True)
 class Refinement:
-    """A refined schedule and how it was found: the losses of every iterate (index 0: the parent; the
-    training loss of the last iterate is never computed), the iterate kept (0: nothing beat the parent
-    on the held-out batch) and the wall time."""
+    """A refined schedule and how it was found: the held-out loss of every iterate (index 0: the parent;
+    an iterate that did not improve on the best was undone), the training loss each step descended
+    from, the iterate kept (0: nothing beat the parent on the held-out batch) and the wall time."""
 
     schedule: SolverSchedule
     parent: SolverSchedule
@@ -225,13 +227,23 @@ def refine(
         return lambdas, step_factors, plan_from_lambdas(schedule, lambdas, shape.times(lambdas), step_factors)
 
     def held_out_loss() -> float:
-        with torch.no_grad():
-            return float(heldout.loss(plan()[2]))
+        """inf where a step made the times invalid (two log-SNR values closer than MIN_LAMBDA_GAP): undone."""
+        try:
+            with torch.no_grad():
+                return float(heldout.loss(plan()[2]))
+        except ScheduleError:
+            return math.inf
 
-    optimiser = torch.optim.Adam(parameters, lr=settings.learning_rate)
-    train_losses: list[float] = []  # at iterates 0 … k − 1: the loss each step descends from
+    def restore(values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, values):
+                parameter.copy_(value)
+
+    learning_rate = settings.learning_rate
+    optimiser = torch.optim.Adam(parameters, lr=learning_rate)
+    train_losses: list[float] = []  # the loss each step descends from
     heldout_losses = [held_out_loss()]  # at iterates 0 … k
-    best_iteration, best = 0, (shape.lambdas(split, end).detach(), factors.detach().clone())
+    best_iteration, best, failures = 0, [p.detach().clone() for p in parameters], 0
     for iteration in range(1, settings.iterations + 1):
         optimiser.zero_grad()
         loss = train.loss(plan()[2])
@@ -248,11 +260,17 @@ def refine(
         if on_progress is not None:
             on_progress(iteration, train_losses[-1], held)
         if math.isfinite(held) and held < heldout_losses[best_iteration]:
-            best_iteration, best = iteration, (shape.lambdas(split, end).detach(), factors.detach().clone())
-        elif iteration - best_iteration >= settings.patience:
+            best_iteration, best, failures = iteration, [p.detach().clone() for p in parameters], 0
+            continue
+        failures += 1  # back to the best iterate with half the step: near an optimum Adam's first steps overshoot
+        if failures >= settings.patience:
             break
-    lambdas, best_factors = best
-    refined = shape.schedule_at(lambdas, best_factors if factors.requires_grad else None) if best_iteration else schedule
+        restore(best)
+        learning_rate /= 2.0
+        optimiser = torch.optim.Adam(parameters, lr=learning_rate)
+    split_best, end_best, *factors_best = best
+    refined = (shape.schedule_at(shape.lambdas(split_best, end_best), factors_best[0] if factors_best else None)
+               if best_iteration else schedule)
     result = Refinement(refined, schedule, tuple(train_losses), tuple(heldout_losses), best_iteration,
                         time.perf_counter() - started, settings)
     name = f"{schedule.name or 'schedule'}+refined"

@@ -100,6 +100,18 @@ def test_on_the_exact_mixture_refinement_lowers_the_exact_fid_on_fresh_noise(pre
     assert difference.high < 0, (before, after)
 
 
+def test_a_step_that_overshoots_is_undone_and_retried_with_half_the_learning_rate(mixture, tmp_path):
+    """From a learning rate 200× the default, the first steps wreck the times (or make them invalid); each
+    is undone and the rate halved, and the refinement ends about where the default one does."""
+    schedule = presets.build("ddim", mixture.noise_schedule, 5, "logsnr")
+    default = refine(mixture, schedule, RefineSettings(), cache=ArrayCache(tmp_path))
+    steep = refine(mixture, schedule, RefineSettings(learning_rate=20.0), cache=ArrayCache(tmp_path))
+    parent = steep.heldout_losses[0]
+    assert not steep.heldout_losses[1] < parent  # the first step overshot
+    assert steep.heldout_losses[steep.best_iteration] < 0.5 * parent
+    assert steep.heldout_losses[steep.best_iteration] <= 1.1 * default.heldout_losses[default.best_iteration]
+
+
 # --- what refinement returns is an ordinary schedule ----------------------------------------------
 
 
