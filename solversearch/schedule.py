@@ -230,6 +230,8 @@ class SolverSchedule:
             doc = json.loads(text)  # NaN/Infinity parse, then fail validation naming their field
         except json.JSONDecodeError as exc:
             raise ScheduleError(f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ScheduleError("not a schedule: nested too deeply") from None
         return cls.from_dict(doc)
 
 
@@ -240,6 +242,8 @@ def load_schedule(path: str | Path) -> SolverSchedule:
         text = path.read_text()
     except OSError as exc:
         raise ScheduleError(f"cannot read schedule file {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScheduleError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         return SolverSchedule.from_json(text)
     except ScheduleError as exc:

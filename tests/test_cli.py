@@ -43,12 +43,17 @@ def test_evaluate_prints_json_for_a_schedule_file(capsys, tmp_path):
     assert result["nfe"] == 5 and result["fid"] > 0 and result["diverged"] is False
 
 
-def test_evaluate_rejects_a_malformed_schedule_with_exit_2(capsys, tmp_path):
+@pytest.mark.parametrize("content, words", [
+    (b'{"format": "solversearch.schedule/v1", "nfe": 3', "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+def test_evaluate_rejects_a_malformed_schedule_with_exit_2(content, words, capsys, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "solversearch.schedule/v1", "nfe": 3')
+    bad.write_bytes(content)
     assert main(["evaluate", "--model", "gmm:digits", "--schedule", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "not valid JSON" in err and "Traceback" not in err
+    assert words in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,12 @@ def test_missing_required_keys_and_bad_files(tmp_path):
         load_experiment(tmp_path / "e.yaml")
     with pytest.raises(ExperimentError, match="cannot read"):
         load_experiment(tmp_path / "absent.yaml")
+    (tmp_path / "e.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ExperimentError, match="not UTF-8 text"):
+        load_experiment(tmp_path / "e.yaml")
+    (tmp_path / "e.yaml").write_text("name: " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ExperimentError, match="nested too deeply"):
+        load_experiment(tmp_path / "e.yaml")
 
 
 def test_command_line_overrides():
