@@ -218,14 +218,21 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
+    import warnings
 
     from rich.console import Console
     from rich.table import Table
 
+    from .inference import check_compatibility
     from .schedule import load_schedule
 
     schedule = load_schedule(args.schedule)
     evaluator = _evaluator(args)
+    with warnings.catch_warnings(record=True) as caught:  # as `sample` does: another noise schedule is an error
+        warnings.simplefilter("always")
+        check_compatibility(schedule, evaluator.model)
+    for warning in caught:
+        print(f"solversearch: warning: {warning.message}", file=sys.stderr)
     result = evaluator.evaluate(schedule)
     if args.json:
         print(json.dumps({"schedule": schedule.name, "model": args.model, **result.to_dict()}, indent=2))

@@ -43,6 +43,19 @@ def test_evaluate_prints_json_for_a_schedule_file(capsys, tmp_path):
     assert result["nfe"] == 5 and result["fid"] > 0 and result["diverged"] is False
 
 
+def test_evaluate_refuses_a_schedule_made_for_another_noise_schedule_as_sample_does(capsys, tmp_path):
+    schedule = tmp_path / "s.json"
+    main(["presets", "dpmpp_2m", "--nfe", "5", "--out", str(schedule)])
+    doc = json.loads(schedule.read_text())
+    doc["noise_schedule"] = {"kind": "linear_vp", "beta_0": 0.1, "beta_1": 19.0}
+    schedule.write_text(json.dumps(doc))
+    capsys.readouterr()
+    for command in (["evaluate", "--n", "64"], ["sample", "--n", "4", "--out", str(tmp_path / "s.png")]):
+        assert main([command[0], "--model", "gmm:digits", "--schedule", str(schedule), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "noise schedule" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("content, words", [
     (b'{"format": "solversearch.schedule/v1", "nfe": 3', "not valid JSON"),
     (b"\xff\xfe{}", "not UTF-8 text"),
