@@ -46,6 +46,15 @@ def mutate(path, value):
     return doc
 
 
+def without(path):
+    doc = valid_doc()
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return doc
+
+
 @pytest.mark.parametrize(
     "doc, names",
     [
@@ -65,6 +74,7 @@ def mutate(path, value):
         (mutate(["steps", 1, "derivative_points"], [[2]]), "steps[1].derivative_points[0]"),
         (mutate(["steps", 1, "derivative_points"], []), "steps[1].derivative_points"),
         (mutate(["steps", 1, "scaling"], "linear"), "steps[1]"),
+        (without(["steps", 1, "scaling"]), "steps[1]: 'scaling' is a required property"),
         (mutate(["steps", 1, "linear_coefficient"], 0.3), "steps[1]"),
         (mutate(["steps", 1, "second_derivative_factor"], math.nan), "steps[1].second_derivative_factor"),
         (mutate(["steps", 0, "skip"], ["a", "a"]), "steps[0].skip"),
