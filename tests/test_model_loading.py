@@ -54,8 +54,19 @@ def test_missing_files_are_user_errors(tmp_path):
     with pytest.raises(SolversearchError, match="scheduler_config.json"):
         UNetDenoiser.from_pretrained(tmp_path)
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
-    with pytest.raises(SolversearchError, match="malformed"):
+    for content in (b"{not json", b"\xff\xfe{}", b"[" * 100_000, b"[1, 2]"):
+        (tmp_path / "scheduler" / "scheduler_config.json").write_bytes(content)
+        with pytest.raises(SolversearchError, match="malformed|must be a JSON object"):
+            UNetDenoiser.from_pretrained(tmp_path)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    """A model folder is often handed over: unpickling its .bin would run whatever code it holds."""
+    unet = make_tiny_unet().float()
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    assert list((tmp_path / "unet").glob("*.bin"))
+    with pytest.raises(SolversearchError, match="no .safetensors weights"):
         UNetDenoiser.from_pretrained(tmp_path)
 
 

@@ -60,14 +60,15 @@ class UNetDenoiser(torch.nn.Module):
                 f"{path}: no scheduler_config.json (expected {path}/scheduler/scheduler_config.json); "
                 "the noise schedule comes from it"
             )
-        try:
-            config = json.loads(config_path.read_text())
-            scheduler_config = json.loads(scheduler_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SolversearchError(f"{path}: malformed JSON config: {exc}") from None
+        config, scheduler_config = _json_object(config_path), _json_object(scheduler_path)
+        if not any(unet_dir.glob("*.safetensors")):
+            raise SolversearchError(
+                f"{unet_dir}: no .safetensors weights; pickled weights (.bin, .pt) are not loaded, because loading "
+                "them can run any code the file holds: convert them with safetensors first"
+            )
         unet_class = _unet_class(config.get("_class_name", "UNet2DModel"))
         try:
-            unet = unet_class.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+            unet = unet_class.from_pretrained(str(unet_dir), low_cpu_mem_usage=False, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SolversearchError(f"{unet_dir}: cannot load the UNet weights: {str(exc).splitlines()[0]}") from None
         noise = DiscreteVP.from_diffusers_config(scheduler_config)
@@ -181,3 +182,14 @@ def _unet_class(name: str):
     if name not in classes:
         raise SolversearchError(f"unsupported UNet class {name!r}; expected one of {sorted(classes)}")
     return classes[name]
+
+
+def _json_object(path: Path) -> dict:
+    """A config file's JSON object; anything else is a user error naming the file."""
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SolversearchError(f"{path}: malformed JSON config ({type(exc).__name__})") from None
+    if not isinstance(document, dict):
+        raise SolversearchError(f"{path}: a config must be a JSON object, got {type(document).__name__}")
+    return document
