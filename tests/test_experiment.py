@@ -43,6 +43,18 @@ def base_doc():
         ({"colour": "red"}, "colour"),
         ({"storage": {"path": "x"}}, "storage.path"),
         ({"objectives": ["fid", "beauty"]}, "objectives"),
+        ({"metric": {"seed": "zero"}}, "metric.seed"),
+        ({"metric": {"mixed_precision": "yes"}}, "metric.mixed_precision"),
+        ({"algorithm": {"name": "s3", "seed": 1.5}}, "algorithm.seed"),
+        ({"algorithm": {"name": "s3", "settings": [8]}}, "algorithm.settings"),
+        ({"budget": {"evaluations": 10, "wall_time_s": -1}}, "budget.wall_time_s"),
+        ({"budget": {"evaluations": 10, "wall_time_s": "1h"}}, "budget.wall_time_s"),
+        ({"resources": {"cpu": "two"}}, "resources.cpu"),
+        ({"resources": {"gpu": float("nan")}}, "resources.gpu"),
+        ({"resources": {"concurrent": 1.5}}, "resources.concurrent"),
+        ({"resources": {"custom": {"tpu": -1}}}, "resources.custom.tpu"),
+        ({"nfe": 1000}, "not a few-step schedule"),
+        ({"nfe": [4, 1000]}, "not a few-step schedule"),
     ],
 )
 def test_invalid_experiments_name_the_key(change, words):

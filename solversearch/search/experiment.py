@@ -6,6 +6,7 @@ Command-line overrides (`--nfe`, `--budget`, …) are applied with `Experiment.o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from .space import SearchSpace, load_space
 # the teacher (the converged solution from the same x_T) and the pixel RMS distance to it.
 METRICS = ("fid", "kid", "teacher_distance", "error_to_reference")
 SELECTION_SEED_OFFSET = 1000  # the selection seed is the search seed + this
+MAX_SEARCH_NFE = 50  # searches are for few-step sampling; the predictor and operators grow with the steps
 
 
 class ExperimentError(SolversearchError):
@@ -153,7 +155,14 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     if metric_doc.get("batch_size") == "auto":  # the largest batch that fits the worker's device
         metric_doc = {**metric_doc, "batch_size": 0}
     metric = MetricConfig(**metric_doc)
-    if metric.name not in METRICS:
+    _seed(metric.seed, "metric.seed")
+    for key in ("error_to_reference", "mixed_precision"):
+        if not isinstance(getattr(metric, key), bool):
+            raise ExperimentError(f"metric.{key}: must be true or false, got {getattr(metric, key)!r}")
+    for key in ("features", "inception_path"):
+        if getattr(metric, key) is not None and not isinstance(getattr(metric, key), str):
+            raise ExperimentError(f"metric.{key}: must be a name or a path, got {getattr(metric, key)!r}")
+    if not isinstance(metric.name, str) or metric.name not in METRICS:
         raise ExperimentError(f"metric.name: unknown metric {metric.name!r}; expected one of {list(METRICS)}")
     _positive_int(metric.n, "metric.n")
     if metric.batch_size != 0:
@@ -179,15 +188,20 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
 
     budget_doc = _mapping(doc.get("budget", {}), "budget")
     _no_unknown(budget_doc, {"evaluations", "wall_time_s"}, "budget.")
+    wall_time = budget_doc.get("wall_time_s")
     budget = BudgetConfig(
         evaluations=_positive_int(budget_doc.get("evaluations", BudgetConfig.evaluations), "budget.evaluations"),
-        wall_time_s=None if budget_doc.get("wall_time_s") is None else float(budget_doc["wall_time_s"]),
+        wall_time_s=None if wall_time is None else _number(wall_time, "budget.wall_time_s", positive=True),
     )
     resources_doc = _mapping(doc.get("resources", {}), "resources")
     _no_unknown(resources_doc, {f.name for f in fields(ResourcesConfig)}, "resources.")
-    resources = ResourcesConfig(**resources_doc)
-    if resources.cpu <= 0 or resources.gpu < 0 or resources.concurrent < 1:
-        raise ExperimentError("resources: need cpu > 0, gpu ≥ 0 and concurrent ≥ 1")
+    custom = _mapping(resources_doc.get("custom", {}) or {}, "resources.custom")
+    resources = ResourcesConfig(
+        cpu=_number(resources_doc.get("cpu", ResourcesConfig.cpu), "resources.cpu", positive=True),
+        gpu=_number(resources_doc.get("gpu", ResourcesConfig.gpu), "resources.gpu"),
+        concurrent=_positive_int(resources_doc.get("concurrent", ResourcesConfig.concurrent), "resources.concurrent"),
+        custom={str(k): _number(v, f"resources.custom.{k}") for k, v in custom.items()},
+    )
     storage_doc = _mapping(doc.get("storage", {}), "storage")
     _no_unknown(storage_doc, {"url", "study"}, "storage.")
     ray_doc = _mapping(doc.get("ray", {}) or {}, "ray")
@@ -211,8 +225,8 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         nfe=_nfe(doc["nfe"]),
         metric=metric,
         algorithm=algorithm,
-        algorithm_seed=int(algorithm_doc.get("seed", 0)),
-        algorithm_settings=dict(algorithm_doc.get("settings") or {}),
+        algorithm_seed=_seed(algorithm_doc.get("seed", 0), "algorithm.seed"),
+        algorithm_settings=dict(_mapping(algorithm_doc.get("settings") or {}, "algorithm.settings")),
         objectives=objectives,
         budget=budget,
         resources=resources,
@@ -276,6 +290,13 @@ def _seed(value: Any, key: str) -> int:
     return value
 
 
+def _number(value: Any, key: str, positive: bool = False) -> float:
+    """A finite number ≥ 0 (> 0 if `positive`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ExperimentError(f"{key}: must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return float(value)
+
+
 def _names(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -285,12 +306,14 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 
 
 def _nfe(value: Any) -> int | tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        values = tuple(_positive_int(v, "nfe") for v in value)
-        if not values:
-            raise ExperimentError("nfe: must not be empty")
-        return values if len(values) > 1 else values[0]
-    return _positive_int(value, "nfe")
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not values:
+        raise ExperimentError("nfe: must not be empty")
+    for v in values:
+        if _positive_int(v, "nfe") > MAX_SEARCH_NFE:
+            raise ExperimentError(f"nfe: {v} network evaluations is not a few-step schedule; a search takes NFE 1–{MAX_SEARCH_NFE} "
+                                  "(at more, the hand-designed solvers have converged)")
+    return values if len(values) > 1 else values[0]
 
 
 def _positive_int(value: Any, key: str) -> int:
