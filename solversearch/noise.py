@@ -130,7 +130,7 @@ class DiscreteVP(NoiseSchedule):
         as diffusers does), so the noise levels are the ones the network saw. `precision: "float64"` in
         the config computes betas and ᾱ in float64 instead (DPM-Solver's construction).
         """
-        n = int(config.get("num_train_timesteps", 1000))
+        n = _config_number(config, "num_train_timesteps", 1000, integer=True, low=2)
         if config.get("rescale_betas_zero_snr", False):
             raise NoiseScheduleError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
         precision = config.get("precision", "float32")
@@ -139,9 +139,11 @@ class DiscreteVP(NoiseSchedule):
         dtype = torch.float32 if precision == "float32" else torch.float64
         trained = config.get("trained_betas")
         schedule = config.get("beta_schedule", "linear")
-        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        start, end = _config_number(config, "beta_start", 1e-4, below=1.0), _config_number(config, "beta_end", 0.02, below=1.0)
         if trained is not None:
-            betas = torch.tensor([float(b) for b in trained], dtype=dtype)
+            if not isinstance(trained, (list, tuple)) or len(trained) < 2:
+                raise NoiseScheduleError(f"trained_betas must be a list of at least 2 numbers, got {trained!r}")
+            betas = torch.tensor([_config_number({"trained_betas": b}, "trained_betas", 0.0, below=1.0) for b in trained], dtype=dtype)
             description: dict[str, Any] = {"trained_betas": betas.tolist()}
             n = betas.numel()
         elif schedule == "linear":
@@ -257,12 +259,31 @@ class _LinearVPTime(torch.nn.Module):
 
 def noise_schedule_from_dict(description: Mapping[str, Any]) -> NoiseSchedule:
     """Rebuild a noise schedule from `NoiseSchedule.to_dict()` output."""
+    if not isinstance(description, Mapping):
+        raise NoiseScheduleError(f"a noise schedule must be a mapping, got {type(description).__name__}")
     kind = description.get("kind")
     if kind == "discrete_vp":
         return DiscreteVP.from_diffusers_config(description)
     if kind == "linear_vp":
-        return LinearVP(description["beta_0"], description["beta_1"], description.get("time_scale", 999.0))
+        return LinearVP(_config_number(description, "beta_0", None), _config_number(description, "beta_1", None),
+                        _config_number(description, "time_scale", 999.0))
     raise NoiseScheduleError(f"unknown noise schedule kind {kind!r}; expected 'discrete_vp' or 'linear_vp'")
+
+
+def _config_number(config: Mapping[str, Any], key: str, default: float | None, *, integer: bool = False,
+                   low: float = 0.0, below: float = math.inf) -> Any:
+    """config[key] (or `default`; None: required) as a finite number with low < value < below (low ≤ for
+    integers); anything else is a NoiseScheduleError naming the key."""
+    value = config.get(key, default)
+    if value is None:
+        raise NoiseScheduleError(f"{key}: required")
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not (
+        (low <= value if integer else low < value) and value < below
+    ):
+        wanted = f"an integer ≥ {low:g}" if integer else f"a number in ({low:g}, {below:g})"
+        raise NoiseScheduleError(f"{key}: must be {wanted}, got {value!r}")
+    return value if integer else float(value)
 
 
 def _interp_extrapolate(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

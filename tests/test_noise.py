@@ -106,6 +106,13 @@ def test_to_dict_rebuilds_an_equal_schedule(noise):
         ({"beta_schedule": "sigmoid"}, "beta_schedule"),
         ({"rescale_betas_zero_snr": True}, "zero terminal SNR"),
         ({"precision": "float16"}, "precision"),
+        ({"num_train_timesteps": "1000"}, "num_train_timesteps"),
+        ({"num_train_timesteps": 1}, "num_train_timesteps"),
+        ({"beta_start": -0.1}, "beta_start"),
+        ({"beta_end": 2.0}, "beta_end"),
+        ({"beta_end": None}, "beta_end: required"),
+        ({"trained_betas": "0.1"}, "trained_betas"),
+        ({"trained_betas": [0.1, 1.5]}, "trained_betas"),
     ],
 )
 def test_unsupported_configs_raise_a_clear_error(config, words):
@@ -116,3 +123,16 @@ def test_unsupported_configs_raise_a_clear_error(config, words):
 def test_unknown_kind_is_an_error():
     with pytest.raises(NoiseScheduleError, match="unknown noise schedule kind"):
         noise_schedule_from_dict({"kind": "ve"})
+
+
+@pytest.mark.parametrize("description, words", [
+    ({"kind": "linear_vp", "beta_1": 20.0}, "beta_0: required"),
+    ({"kind": "linear_vp", "beta_0": "0.1", "beta_1": 20.0}, "beta_0"),
+    ({"kind": "linear_vp", "beta_0": 0.1, "beta_1": 20.0, "time_scale": float("inf")}, "time_scale"),
+    ({"kind": "discrete_vp", "beta_start": [1]}, "beta_start"),
+    (["discrete_vp"], "must be a mapping"),
+])
+def test_a_described_noise_schedule_with_bad_parameters_names_the_parameter(description, words):
+    """A schedule file's noise_schedule block is user input: every parameter is checked, not only `kind`."""
+    with pytest.raises(NoiseScheduleError, match=words):
+        noise_schedule_from_dict(description)
