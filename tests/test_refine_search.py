@@ -93,8 +93,10 @@ def test_bad_refinement_settings_are_user_errors(settings, message, evaluator):
 
 
 def test_the_refine_algorithm_needs_something_to_refine(evaluator):
+    """Its default parents are the study's best, so it can be built (and checked) before the baseline pool runs."""
+    searcher = make_searcher("refine", USF, 5, evaluator.model.noise_schedule, settings={})
     with pytest.raises(SolversearchError, match="nothing to refine"):
-        make_searcher("refine", USF, 5, evaluator.model.noise_schedule, settings={})
+        searcher.suggest("trial-0")
 
 
 def test_refinement_seeds_that_an_evaluation_uses_are_refused(tmp_path):

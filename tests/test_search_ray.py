@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from solversearch.errors import SolversearchError
 from solversearch.evaluator import Evaluator
 from solversearch.schedule import load_schedule
 from solversearch.search.experiment import load_experiment
@@ -167,6 +168,22 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(tmp_p
     keys = [e.key for e in searched(after)]
     assert len(keys) == 20 and len(set(keys)) == 20 and before <= set(keys)
     assert len(after) == 22 and len({e.key for e in after}) == 22  # and the 2 baselines, once
+
+
+@pytest.mark.parametrize("algorithm, settings, words", [
+    ("evolution", {"kk": 8}, "bad settings"),
+    ("s3_refine", {"refine_top": 0}, "refine_top"),
+    ("refine", {"presets": ["ddim/logsnr"], "top": 0}, "top"),
+])
+def test_a_search_refused_for_its_algorithm_settings_leaves_no_study_behind(algorithm, settings, words, tmp_path):
+    """The settings are checked before the study is created (no Ray needed: nothing gets that far)."""
+    url = f"sqlite:///{tmp_path / 'refused.db'}"
+    experiment = replace(small_experiment(url, "refused"), algorithm=algorithm, algorithm_settings=settings)
+    with pytest.raises(SolversearchError, match=words):
+        run_search(experiment, validate=False, export_dir=tmp_path)
+    with pytest.raises(SolversearchError, match="no study|does not exist"):
+        open_existing(url, "refused")
+    assert not list(tmp_path.glob("*.json"))
 
 
 def searched(history):

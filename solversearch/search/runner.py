@@ -210,6 +210,7 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
     if "kid" in objectives(experiment) and prepared.reference.features is None:
         raise SolversearchError(f"KID needs reference features, but the reference is {prepared.reference.description}: "
                                 "optimise fid or teacher_distance, or give metric.reference as images")
+    build_searcher(experiment, model, [])  # the algorithm and its settings, checked before any study exists
     store = open_store(experiment, model)  # after the checks above: a refused run leaves no study behind
     new = evaluate_baseline_pool(experiment, model, store, Evaluator(model, settings, prepared=prepared), on_update)
     history = store.history()

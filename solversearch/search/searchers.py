@@ -517,16 +517,25 @@ class RefineSearcher(ScheduleSearcher):
         for text in presets:
             name, _, grid = str(text).partition("/")
             parents.append(build(name, noise, nfe, grid or "logsnr"))
-        if not parents:
-            parents = [o.schedule for o in _best((o for o in self.observations if not is_refinement(o.key)), top)]
-        if not parents:
-            raise SolversearchError("algorithm 'refine' has nothing to refine: give settings schedules or presets, or a study with evaluations")
         wrong = [p.name or "(unnamed)" for p in parents if p.nfe != nfe]
         if wrong:
             raise SolversearchError(f"algorithm 'refine': {wrong} do not have NFE {nfe}")
-        self.queue = [Proposal(p, refinement_key(self.ops.key(p)), 1, refine=True) for p in parents]
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise SolversearchError(f"algorithm 'refine': top must be a positive integer, got {top!r}")
+        self.top = top
+        self.queue = [self._proposal(p) for p in parents]
+        self.planned = bool(parents)  # if not, the parents are the study's best, once the search starts
+
+    def _proposal(self, parent: SolverSchedule) -> Proposal:
+        return Proposal(parent, refinement_key(self.ops.key(parent)), 1, refine=True)
 
     def _propose(self):
+        if not self.planned:  # by default the best already in the study: the baseline pool runs before any search
+            best = _best((o for o in self.observations if not is_refinement(o.key)), self.top)
+            if not best:
+                raise SolversearchError("algorithm 'refine' has nothing to refine: give settings schedules or presets, "
+                                        "or a study with evaluations")
+            self.queue, self.planned = [self._proposal(o.schedule) for o in best], True
         return self._next_unknown(self.queue) or Searcher.FINISHED
 
 
