@@ -19,6 +19,7 @@ from . import presets
 from .errors import SolversearchError
 from .evaluator import Evaluator
 from .noise import DiscreteVP, NoiseSchedule
+from .outputs import atomic_output, write_text
 
 DEFAULT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_heun", "dpmpp_3m", "unipc_2_bh1", "unipc_2_bh2", "unipc_3_bh2", "deis_3")
 DEFAULT_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing")
@@ -103,7 +104,7 @@ def write_report(rows: list[BaselineRow], evaluator: Evaluator, out: Path, sampl
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / "baselines.json"
-    _atomic_write(path, json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    write_text(path, json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
     written.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -119,7 +120,8 @@ def write_report(rows: list[BaselineRow], evaluator: Evaluator, out: Path, sampl
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "metric_vs_nfe.png"
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     written.append(path)
 
@@ -154,10 +156,5 @@ def save_sample_grid(rows: list[torch.Tensor], labels: list[str], path: Path, ce
             mode = "L" if pixels.shape[-1] == 1 else "RGB"
             tile = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile.convert("RGB"), (pad + j * (cell + pad), top + label_height))
-    canvas.save(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        canvas.save(tmp)

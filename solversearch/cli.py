@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import SolversearchError
+from .outputs import atomic_output, output_file, output_folder, write_text
 
 EXIT_USER_ERROR = 2
 
@@ -164,10 +165,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
             table.add_row(preset.name, preset.description)
         console.print(table)
         return 0
+    out = output_file(args.out) if args.out else None
     noise = load_model(args.model).noise_schedule
     schedule = presets.build(args.name, noise, args.nfe, args.grid)
-    if args.out:
-        schedule.save(args.out)
+    if out:
+        schedule.save(out)
         console.print(f"wrote {args.out}")
     else:
         console.print(f"{schedule.name}: NFE {schedule.nfe}")
@@ -187,6 +189,7 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     from .baselines import DEFAULT_GRIDS, DEFAULT_SOLVERS, applicable_grids, choose, run_baselines, write_report
     from .grids import GRIDS
 
+    output_folder(args.out)
     console = Console()
     solvers = choose(args.solvers, DEFAULT_SOLVERS, presets.PRESETS, "solver presets")
     grids = choose(args.grids, DEFAULT_GRIDS, GRIDS, "grids")
@@ -255,6 +258,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .inference import sample
     from .schedule import load_schedule
 
+    out = output_file(args.out, suffixes=(".png",))
+    npz = output_file(args.npz, "--npz", suffixes=(".npz",)) if args.npz else None
     schedule = load_schedule(args.schedule)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -266,30 +271,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     per_row = 8
     rows = [images[i : i + per_row] for i in range(0, images.shape[0], per_row)]
     labels = [f"{schedule.name or Path(args.schedule).name}, seed {args.seed}"] + [""] * (len(rows) - 1)
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    save_sample_grid(rows, labels, tmp)
-    if args.npz:
-        npz = Path(args.npz)
-        npz_tmp = npz.with_name(f".{npz.stem}.tmp.npz")
-        np.savez(npz_tmp, samples=images.numpy(), seed=np.array(args.seed))
-        npz_tmp.replace(npz)
-    tmp.replace(out)
+    if npz:
+        with atomic_output(npz) as tmp:
+            np.savez(tmp, samples=images.numpy(), seed=np.array(args.seed))
+    save_sample_grid(rows, labels, out)
     print(f"wrote {out}" + (f" and {args.npz}" if args.npz else ""))
     return 0
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .models.spec import load_model
     from .progress import duration
     from .refine import RefineSettings, refine
     from .schedule import describe
 
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise SolversearchError(f"--out: the folder {str(out.parent)!r} does not exist")
+    out = output_file(args.out)
     settings = RefineSettings(n=args.n, heldout_n=args.heldout_n, iterations=args.iterations, learning_rate=args.learning_rate,
                               patience=args.patience, learn_factors=not args.no_factors, features=args.features, device=args.device)
     model = load_model(args.model, args.device)
@@ -338,7 +335,6 @@ def _schedule_argument(text: str, noise, nfe: int, storage: str | None = None):
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -352,13 +348,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )
     if experiment.algorithm not in ALGORITHMS:
         raise SolversearchError(f"unknown algorithm {experiment.algorithm!r}; expected one of {list(ALGORITHMS)}")
+    out = output_folder(args.out)  # known good before the search: its winner is never lost to a bad --out
     console = Console()
     if not console.is_terminal:
         console = Console(width=130)  # logs and pipes: keep the result table readable
     title = f"{experiment.study_name}: {experiment.algorithm}, NFE {experiment.nfe}"
     with SearchProgress(console, title, experiment.metric.name) as progress:
         outcome = run_search(experiment, address=args.address, on_update=progress, validate=not args.no_validation,
-                             export_dir=Path(args.out))
+                             export_dir=out)
     _print_outcome(console, experiment, outcome)
     return 0
 
@@ -479,11 +476,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from .noise import noise_schedule_from_dict
     from .search.storage import export_diffusers, open_existing, storage_url
 
+    out = output_file(args.out)
     store = open_existing(storage_url(args.storage), args.study)
     ranked = store.best(k=args.rank)
     if len(ranked) < args.rank:
@@ -500,16 +497,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type"),
                     **({"comparison": comparison} if comparison else {})},
     )
-    out = Path(args.out)
     if args.format == "solversearch":
         schedule.save(out)
     else:
         if schedule.noise_schedule is None:
             raise SolversearchError("the stored schedule has no noise schedule; cannot convert to diffusers timesteps")
         doc = export_diffusers(schedule, noise_schedule_from_dict(schedule.noise_schedule), args.diffusers_kind)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(out)
+        write_text(out, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out} (trial {chosen.number}, {chosen.schedule.name})")
     return 0
 

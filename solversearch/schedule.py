@@ -193,12 +193,9 @@ class SolverSchedule:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON document atomically (a crash never leaves a half-written file)."""
-        path = Path(path)
-        text = self.to_json()
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
-        return path
+        from .outputs import write_text
+
+        return write_text(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, doc: Any) -> SolverSchedule:

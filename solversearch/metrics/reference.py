@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..outputs import atomic_output
 from .distances import GaussianStats
 
 
@@ -65,9 +66,8 @@ class ArrayCache:
         started = time.perf_counter()
         arrays = compute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, _key=np.array(json.dumps(key, sort_keys=True, default=str)), **arrays)
-        tmp.replace(path)
+        with atomic_output(path) as tmp:
+            np.savez(tmp, _key=np.array(json.dumps(key, sort_keys=True, default=str)), **arrays)
         entry = {"kind": key.get("kind", "entry"), "file": path.name, "pid": os.getpid(),
                  "seconds": round(time.perf_counter() - started, 3)}
         with open(self.directory / self.BUILD_LOG, "a") as log:  # one short line per build: appends don't interleave
