@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import SolversearchError
+from .errors import SearchInterrupted, SolversearchError
 from .outputs import atomic_output, output_file, output_folder, write_text
 
 EXIT_USER_ERROR = 2
@@ -24,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SolversearchError as exc:
         print(f"solversearch: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except SearchInterrupted as stop:
+        kept = "" if stop.kept is None else f": {stop.kept} evaluations kept"
+        print(f"solversearch: interrupted{kept} — run the same command again to resume", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("solversearch: interrupted", file=sys.stderr)
         return 130

@@ -17,3 +17,12 @@ class ScheduleError(SolversearchError, ValueError):
 
 class NoiseScheduleError(SolversearchError, ValueError):
     """A noise schedule configuration is invalid or unsupported."""
+
+
+class SearchInterrupted(Exception):
+    """A search stopped by SIGINT or SIGTERM. Every evaluation recorded before it is kept (`kept` of them,
+    when known); running the same command again resumes the study."""
+
+    def __init__(self, signum: int, kept: int | None = None):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.kept = signum, kept

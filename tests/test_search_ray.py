@@ -128,10 +128,17 @@ def outcome_model(experiment):
     return load_model(experiment.model)
 
 
-def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(tmp_path):
-    """A real `solversearch search` process is SIGKILLed (mid-trial or between trials) once it has
-    recorded three searched trials; running the same command again completes the budget: every recorded
-    evaluation is kept and none is repeated."""
+@pytest.mark.parametrize("stop", [
+    "kill",
+    pytest.param("ctrl-c", marks=pytest.mark.slow),
+    pytest.param("term", marks=pytest.mark.slow),
+])
+def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop, tmp_path):
+    """A real `solversearch search` process is stopped once it has recorded three searched trials —
+    SIGKILLed with its Ray processes (mid-trial or between trials), or Ctrl+C (SIGINT to its process
+    group) or SIGTERM, which must end it at once with exit 130 / 143 and say how to resume, with no
+    report and nothing of Ray's restore hints; running the same command again completes the budget:
+    every recorded evaluation is kept and none is repeated."""
     db = tmp_path / "kill.db"
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(
@@ -158,8 +165,18 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(tmp_p
             if recorded >= 3:
                 break
     assert recorded >= 3, f"the search did not record three trials in time (exit {process.poll()}):\n{log.read_text()[-3000:]}"
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-search
-    process.wait()
+    if stop == "kill":
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-search
+        process.wait()
+    else:
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)  # a terminal sends Ctrl+C to the whole foreground group
+        else:
+            process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == (130 if stop == "ctrl-c" else 143), log.read_text()[-3000:]
+        output = log.read_text()
+        assert "evaluations kept — run the same command again to resume" in output, output[-3000:]
+        assert "Tuner.restore" not in output and " searched; " not in output and "Traceback" not in output, output[-3000:]  # no report
     before = {e.key for e in searched(open_existing(f"sqlite:///{db}", "killed").history())}
     assert 3 <= len(before) < 20
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

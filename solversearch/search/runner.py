@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..errors import SolversearchError
+from ..errors import SearchInterrupted, SolversearchError
 from ..evaluator import METRIC_NAMES, Evaluator, Prepared
 from ..models.spec import ModelHandle, load_model
 from ..refine import RefineSettings, prepare_teachers
@@ -33,6 +33,7 @@ from .baseline_pool import ALGORITHM as BASELINE_POOL
 from .baseline_pool import BaselinePool
 from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
+from .interruption import StopRequest, stop_on_signals, tuning
 from .operators import Operators
 from .report import BEST_BASELINE, SEARCHED, Report, final_report
 from .searchers import REFINING, Observation, ScheduleSearcher, drive, make_searcher
@@ -189,17 +190,21 @@ def run_search(
 
     `on_update` receives progress dicts: {"phase": "prepare" | "report", "what", "done",
     "total"} while references, teachers and the final comparison are built, and {"phase": "baselines" |
-    "search", "recorded", "total", "best", "stage", "tau", "elapsed"} after every recorded trial."""
+    "search", "recorded", "total", "best", "stage", "tau", "elapsed"} after every recorded trial.
+
+    SIGINT or SIGTERM (in the main thread) ends it with `SearchInterrupted`: what was recorded is kept,
+    nothing is reported or exported (search/interruption.py)."""
     address = address or experiment.ray_address
-    if address is None:
-        return _search(experiment, None, on_update, validate, export_dir)
-    with _ray(address):  # a cluster: refuse a storage its nodes cannot share before anything is built
-        check_cluster_storage(storage_url(experiment.storage_url))
-        return _search(experiment, address, on_update, validate, export_dir)
+    with stop_on_signals() as stop:
+        if address is None:
+            return _search(experiment, None, on_update, validate, export_dir, stop)
+        with _ray(address):  # a cluster: refuse a storage its nodes cannot share before anything is built
+            check_cluster_storage(storage_url(experiment.storage_url))
+            return _search(experiment, address, on_update, validate, export_dir, stop)
 
 
 def _search(experiment: Experiment, address: str | None, on_update: Callable[[dict[str, Any]], None] | None,
-            validate: bool, export_dir: Path | None) -> SearchOutcome:
+            validate: bool, export_dir: Path | None, stop: StopRequest) -> SearchOutcome:
     started = time.perf_counter()
     notify = on_update or (lambda update: None)
     model = load_model(experiment.model)
@@ -212,6 +217,20 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
                                 "optimise fid or teacher_distance, or give metric.reference as images")
     build_searcher(experiment, model, [])  # the algorithm and its settings, checked before any study exists
     store = open_store(experiment, model)  # after the checks above: a refused run leaves no study behind
+    try:
+        try:
+            new = _evaluate(experiment, address, model, settings, prepared, store, notify, on_update, stop)
+        finally:  # finished or interrupted, the time spent searching is the study's
+            store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
+        return _report_and_export(experiment, model, store, new, validate, export_dir, notify, started)
+    except SearchInterrupted as interrupted:
+        raise SearchInterrupted(interrupted.signum, kept=len(store.history())) from None
+
+
+def _evaluate(experiment: Experiment, address: str | None, model: ModelHandle, settings, prepared: Prepared, store: StudyStore,
+              notify: Callable[[dict[str, Any]], None], on_update: Callable[[dict[str, Any]], None] | None,
+              stop: StopRequest) -> int:
+    """The baseline pool, then the search of the remaining budget; returns the evaluations recorded."""
     new = evaluate_baseline_pool(experiment, model, store, Evaluator(model, settings, prepared=prepared), on_update)
     history = store.history()
     remaining = experiment.budget.evaluations - sum(1 for e in history if e.algorithm != BASELINE_POOL)
@@ -225,8 +244,12 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
                 prepare_teachers(model, RefineSettings(**searcher.refine_settings))
                 notify({"phase": "prepare", "what": "refinement teachers", "done": 1, "total": 1})
             new += _run_tune(experiment, context, prepared, StudyRecorder(store, experiment, model, searcher, on_update),
-                             remaining, time_budget_s=experiment.budget.wall_time_s)
-    store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
+                             remaining, experiment.budget.wall_time_s, stop)
+    return new
+
+
+def _report_and_export(experiment: Experiment, model: ModelHandle, store: StudyStore, new: int, validate: bool,
+                       export_dir: Path | None, notify: Callable[[dict[str, Any]], None], started: float) -> SearchOutcome:
     history = store.history()
     report = final_report(experiment, model, history, validate,
                           lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}))
@@ -290,7 +313,7 @@ def _ray(address: str | None) -> Iterator[None]:
 
 
 def _run_tune(experiment: Experiment, context: EvaluationContext, prepared: Prepared, recorder: StudyRecorder,
-              num_samples: int, time_budget_s: float | None) -> int:
+              num_samples: int, time_budget_s: float | None, stop: StopRequest) -> int:
     """One Tune run of `recorder.searcher`'s proposals; returns the number of trials recorded."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -320,7 +343,8 @@ def _run_tune(experiment: Experiment, context: EvaluationContext, prepared: Prep
                 verbose=0,
             ),
         )
-        tuner.fit()
+        with tuning(stop):
+            tuner.fit()
     finally:
         shutil.rmtree(results_dir, ignore_errors=True)
     return recorder.recorded
