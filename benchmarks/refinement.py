@@ -1,16 +1,16 @@
 """Gradient refinement on the bundled model: the best baseline, the baseline refined, the S³ winner and the
 hybrid S³ + refinement winner, on fresh seeds.
 
-For each NFE: runs the main job's experiment (experiments/digits.yaml) as an S³ study — the full
-baseline pool, the search, the winner and the best baseline picked on the selection seed — and the same
-experiment with `algorithm: s3_refine` as a second study; refines the S³ study's best baseline on its
+For each NFE: runs the main job's experiment (experiments/digits.yaml) with plain S³ as one study — the
+full baseline pool, the search, the winner and the best baseline picked on the selection seed — and with
+`algorithm: s3_refine` (the main job itself) as a second study; refines the S³ study's best baseline on its
 own (the LD3 setting: `solversearch refine`); then scores all four, and the converged teacher (the
 floor), on the experiment's validation seeds (n = metric.n × validation.n_factor; the same x_T for
 every row, so every comparison is paired). Prints, per metric (FID and KID to the real digits, the
 feature-space teacher distance), the means, each row's paired difference from the best baseline with its
 95 % confidence interval, the verdict and the share of the baseline's excess over the floor the row
-leaves, (row − floor) / (baseline − floor); and each row's wall time (a study's: its own record, summed over resumed runs). The goal of issue 12: the hybrid
-leaves ≤ 0.3 of the excess at NFE 5, significantly.
+leaves, (row − floor) / (baseline − floor); and each row's wall time (a study's: its own record, summed
+over resumed runs). The goal of issue 12: the hybrid leaves ≤ 0.3 of the excess at NFE 5, significantly.
 
     python benchmarks/refinement.py --nfe 4,5,6 [--budget 120] [--storage sqlite:///refinement.db] [--json refinement.json]
 """
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--experiment", default=str(REPO / "experiments" / "digits.yaml"))
     parser.add_argument("--nfe", default="4,5,6")
     parser.add_argument("--budget", type=int, help="search budget of both studies (default: the experiment's)")
-    parser.add_argument("--refine-top", type=int, default=1, help="schedules the hybrid refines per generation")
+    parser.add_argument("--refine-top", type=int, default=1, help="schedules the hybrid refines per generation (the main job: 1)")
     parser.add_argument("--storage", default="sqlite:///refinement.db", help="studies resume: a fresh database for fresh figures")
     parser.add_argument("--out", default=".", help="folder for the winners' schedule files")
     parser.add_argument("--json", help="also write every figure to this JSON file")
@@ -54,7 +54,9 @@ def main() -> None:
     model = load_model(base.model)
     summary = {}
     for nfe in (int(x) for x in args.nfe.split(",")):
-        s3_experiment = base.override(nfe=nfe, budget=args.budget, storage_url=args.storage, study=f"refinement-s3-nfe{nfe}")
+        s3_settings = {k: v for k, v in base.algorithm_settings.items() if k not in ("refine_top", "refine")}
+        s3_experiment = replace(base.override(nfe=nfe, budget=args.budget, storage_url=args.storage, study=f"refinement-s3-nfe{nfe}"),
+                                algorithm="s3", algorithm_settings=s3_settings)
         hybrid_experiment = replace(s3_experiment, study=f"refinement-hybrid-nfe{nfe}", algorithm="s3_refine",
                                     algorithm_settings={**base.algorithm_settings, "refine_top": args.refine_top})
         s3 = run_search(s3_experiment, export_dir=Path(args.out))

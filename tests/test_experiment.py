@@ -19,9 +19,9 @@ def test_committed_experiments_load(name):
     assert Path(experiment.space_path).is_file()
 
 
-def test_the_main_job_is_the_bundled_model_with_s3():
+def test_the_main_job_is_the_bundled_model_with_s3_and_refinement():
     experiment = load_experiment(REPO / "experiments" / "digits.yaml")
-    assert experiment.model == "bundled:digits" and experiment.algorithm == "s3"
+    assert experiment.model == "bundled:digits" and experiment.algorithm == "s3_refine"
     assert experiment.study_name == "digits-nfe5"
 
 
