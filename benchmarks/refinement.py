@@ -13,6 +13,7 @@ leaves, (row − floor) / (baseline − floor); and each row's wall time (a stud
 over resumed runs). The goal of issue 12: the hybrid leaves ≤ 0.3 of the excess at NFE 5, significantly.
 
     python benchmarks/refinement.py --nfe 4,5,6 [--budget 120] [--storage sqlite:///refinement.db] [--json refinement.json]
+    python benchmarks/refinement.py --table nfe4.json nfe5.json nfe6.json   # the README's table from saved figures
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def main() -> None:
     parser.add_argument("--storage", default="sqlite:///refinement.db", help="studies resume: a fresh database for fresh figures")
     parser.add_argument("--out", default=".", help="folder for the winners' schedule files")
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the README's markdown table from --json files and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table({k: v for path in args.table for k, v in json.loads(Path(path).read_text()).items()}))
+        return
 
     base = load_experiment(args.experiment)
     model = load_model(base.model)
@@ -110,6 +115,31 @@ def main() -> None:
                         "refinement": refinement.summary(), "goal_met": goal}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
+
+
+def markdown_table(summary: dict) -> str:
+    """One row per NFE and schedule: each metric's mean, paired difference from the best baseline with its
+    95 % interval and the excess left (bold: significantly better; "worse": significantly worse), and the
+    wall time."""
+    lines = ["| NFE | schedule | FID (− baseline [95 % CI]; excess left) | KID (same) | teacher distance (same) | wall time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for nfe, figures in sorted(summary.items(), key=lambda item: int(item[0])):
+        metrics = figures["metrics"]
+        lines.append(f"| {nfe} | floor (converged) | {metrics['fid']['floor']:.4f} | {metrics['kid']['floor']:.5f} | "
+                     f"{metrics['teacher_distance']['floor']:.4f} | |")
+        for label in ROWS:
+            cells = []
+            for m, digits in (("fid", 4), ("kid", 5), ("teacher_distance", 4)):
+                row = metrics[m][label]
+                if label == "best baseline":
+                    cells.append(f"{row['mean']:.{digits}f}")
+                    continue
+                text = (f"{row['mean']:.{digits}f} ({row['mean_difference']:+.{digits}f} [{row['ci_low']:+.{digits}f}, "
+                        f"{row['ci_high']:+.{digits}f}]; {row['excess_left']:.2f})")
+                cells.append({"better": f"**{text}**", "worse": f"{text} worse"}.get(row["verdict"], text))
+            seconds = figures["seconds"][label]
+            lines.append(f"| {nfe} | {label} | {' | '.join(cells)} | {_duration(seconds if seconds is not None else math.nan)} |")
+    return "\n".join(lines)
 
 
 def _search_seconds(experiment) -> float:
