@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="samples.png", help="PNG grid")
     p.add_argument("--npz", help="also write the raw samples (float32, model data range) to this .npz")
     p.add_argument("--strict", action="store_true", help="a schedule searched on another model is an error")
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=_positive_int, default=8, help="stop after this many steps in a row without a held-out gain (each is undone and the learning rate halved)")
     p.add_argument("--no-factors", action="store_true", help="learn the times only, not the first-derivative factors")
     p.add_argument("--features", choices=["identity", "digits"], help="feature space of the loss (default: the model's)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.set_defaults(run=_cmd_refine)
 
     p = commands.add_parser("search", help="search the best solver schedule for an experiment")
@@ -125,7 +125,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=_positive_int, default=500, help="samples (the same x_T for every schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--mixed-precision", action="store_true", help="autocast the network on CUDA")
     p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
     p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
@@ -510,6 +510,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
         write_text(out, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out} (trial {chosen.number}, {chosen.schedule.name})")
     return 0
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: 'bogus' and 'cuda' on a CPU-only build are refused up front."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:1, …") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device{'s' if count != 1 else ''}")
+    elif device.type not in ("cpu", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here; use cpu or cuda")
+    return text
 
 
 def _positive_int(text: str) -> int:

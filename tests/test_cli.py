@@ -83,6 +83,15 @@ def test_user_errors_exit_2_with_one_line(argv, words, capsys, tmp_path):
     assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("device, words", [("bogus", "unknown device 'bogus'"), ("cuda:7", "CUDA device")])
+def test_a_device_this_machine_lacks_is_refused_before_anything_runs(device, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", "gmm:digits", "--schedule", "never-read.json", "--device", device])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path):
     out = tmp_path / "never.json"
     result = subprocess.run(
