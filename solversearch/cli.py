@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a stored schedule as JSON")
     p.add_argument("study")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--rank", type=_positive_int, default=1, help="1 = the best schedule")
+    p.add_argument("--rank", type=_positive_int,
+                   help="the K-th best on the search seed (default: the search's winner, picked on the selection seed; "
+                        "rank 1 if the study has no validation)")
     p.add_argument("--format", choices=["solversearch", "diffusers"], default="solversearch")
     p.add_argument("--diffusers-kind", choices=["timesteps", "sigmas"], default="timesteps")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
@@ -486,18 +488,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = output_file(args.out)
     store = open_existing(storage_url(args.storage), args.study)
-    ranked = store.best(k=args.rank)
-    if len(ranked) < args.rank:
-        raise SolversearchError(f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {args.rank}")
-    chosen = ranked[args.rank - 1]
     validation = store.get_attr("validation", {}) or {}
     searched = validation.get("rows", {}).get("searched", {})
+    winner = [e for e in store.history() if e.number == searched.get("trial")] if args.rank is None else []
+    if winner:  # what the search itself exported: the winner on the selection seed, not the best search-seed value
+        chosen = winner[0]
+    else:
+        rank = args.rank or 1
+        ranked = store.best(k=rank)
+        if len(ranked) < rank:
+            raise SolversearchError(f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {rank}")
+        chosen = ranked[rank - 1]
     # The search's own winner carries its paired comparison with the best baseline on fresh seeds.
     comparison = validation.get("comparison") if searched.get("trial") == chosen.number else None
     schedule = chosen.schedule.with_metadata(
         metrics=chosen.metrics,
         model_fingerprint=store.description.get("model_fingerprint"),
-        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm, "rank": args.rank,
+        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm,
+                    **({"winner": True} if winner else {"rank": args.rank or 1}),
                     "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type"),
                     **({"comparison": comparison} if comparison else {})},
     )

@@ -109,3 +109,24 @@ def test_exported_json_is_the_documented_format(tmp_path):
     main(["presets", "dpmpp_3m", "--nfe", "6", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["format"] == "solversearch.schedule/v1" and doc["nfe"] == 6 and len(doc["steps"]) == 6
+
+
+def test_export_gives_the_search_s_winner_by_default_and_the_k_th_search_seed_value_on_request(tmp_path):
+    """The search picks its winner on the selection seed, so it need not be the best value on the search
+    seed: `export STUDY` writes what the search wrote, `--rank K` the K-th best search-seed value."""
+    from solversearch import presets
+    from solversearch.noise import LinearVP
+    from solversearch.search.storage import StudyStore
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = StudyStore(url, "picked")
+    for i, (name, value) in enumerate([("ddim", 0.5), ("dpmpp_2m", 0.3), ("unipc_2_bh2", 0.4)]):
+        store.record(presets.build(name, LinearVP(), 4, "logsnr"), f"k{i}", [value], {"fid": value}, params={}, distributions={},
+                     diverged=False, stage=1, algorithm="s3", cost={"nfe": 4.0}, n=10, seed=0)
+    numbers = {e.schedule.name.split("/")[0]: e.number for e in store.history()}
+    store.set_attr("validation", {"rows": {"searched": {"trial": numbers["unipc_2_bh2"]}}})
+    assert main(["export", "picked", "--storage", url, "--out", str(tmp_path / "winner.json")]) == 0
+    assert main(["export", "picked", "--storage", url, "--out", str(tmp_path / "first.json"), "--rank", "1"]) == 0
+    winner, first = (json.loads((tmp_path / f).read_text()) for f in ("winner.json", "first.json"))
+    assert winner["name"].startswith("unipc_2_bh2") and winner["provenance"]["winner"] is True
+    assert first["name"].startswith("dpmpp_2m") and first["provenance"]["rank"] == 1
