@@ -60,6 +60,21 @@ def test_missing_files_are_user_errors(tmp_path):
             UNetDenoiser.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"sample_size": "big"}, "sample_size"),
+    ({"in_channels": -1}, "cannot load the UNet"),
+    ({"_class_name": "Nope"}, "unsupported UNet class"),
+])
+def test_bad_values_in_a_model_config_are_user_errors(change, words, tmp_path):
+    import json
+
+    save_model(tmp_path, make_tiny_unet().float())
+    config = tmp_path / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(SolversearchError, match=words):
+        load_model(str(tmp_path))
+
+
 def test_pickled_weights_are_never_loaded(tmp_path):
     """A model folder is often handed over: unpickling its .bin would run whatever code it holds."""
     unet = make_tiny_unet().float()

@@ -69,8 +69,12 @@ class UNetDenoiser(torch.nn.Module):
         unet_class = _unet_class(config.get("_class_name", "UNet2DModel"))
         try:
             unet = unet_class.from_pretrained(str(unet_dir), low_cpu_mem_usage=False, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
             raise SolversearchError(f"{unet_dir}: cannot load the UNet weights: {str(exc).splitlines()[0]}") from None
+        size = unet.config.sample_size
+        sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+        if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            raise SolversearchError(f"{config_path}: sample_size must be a positive integer or [height, width], got {size!r}")
         noise = DiscreteVP.from_diffusers_config(scheduler_config)
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
         return cls(unet.eval().requires_grad_(False), noise, prediction_type, guidance_scale)
