@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 
 from ..errors import SolversearchError
 from ..noise import DiscreteVP, NoiseSchedule
+from ..outputs import atomic_output
 from ..presets import PRESETS, build
 from ..schedule import SolverSchedule
 from .encoding import ScheduleEncoding
@@ -133,7 +134,7 @@ class ScheduleSearcher(Searcher):
         self._observed(observation, proposal)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
+        with atomic_output(checkpoint_path) as tmp, open(tmp, "wb") as handle:
             pickle.dump(self.__dict__, handle)
 
     def restore(self, checkpoint_path: str) -> None:
