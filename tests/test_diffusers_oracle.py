@@ -73,7 +73,7 @@ def multistep_cases(final: str):
                     continue
                 kwargs = dict(cls=UniPCMultistepScheduler, solver_order=p, solver_type=variant, predict_x0=predict_x0)
                 prediction = "data" if predict_x0 else "noise"
-                build = lambda t, p=p, v=variant, pr=prediction: presets.unipc(t, p, v, pr)  # noqa: E731
+                build = lambda t, p=p, v=variant, pr=prediction: presets.unipc(t, p, v, pr)
                 cases.append((f"unipc_{p}_{variant}_{prediction}", kwargs, build))
     return cases
 

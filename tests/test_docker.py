@@ -94,7 +94,7 @@ def dockerfile_args() -> dict[str, str]:
 
 
 def code_blocks(markdown: str) -> list[str]:
-    return re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M)
+    return re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.DOTALL | re.MULTILINE)
 
 
 def shell_commands(script: str) -> list[list[str]]:
@@ -171,7 +171,7 @@ def doc_commands(markdown: str) -> list[list[str]]:
 
 def root_readme_cluster_section() -> str:
     text = (ROOT / "README.md").read_text()
-    match = re.search(r"^## Run on a cluster\n(.*?)^## ", text, flags=re.S | re.M)
+    match = re.search(r"^## Run on a cluster\n(.*?)^## ", text, flags=re.DOTALL | re.MULTILINE)
     return match.group(1) if match else ""
 
 
@@ -339,7 +339,7 @@ def test_cpu_override_drops_the_gpu_reservation():
         pass
 
     Loader.add_constructor("!reset", lambda loader, node: "!reset")
-    override = yaml.load(COMPOSE_CPU.read_text(), Loader=Loader)  # noqa: S506 - SafeLoader subclass
+    override = yaml.load(COMPOSE_CPU.read_text(), Loader=Loader)
     assert override["services"]["ray-worker"]["deploy"] == "!reset"
 
 

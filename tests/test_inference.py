@@ -210,7 +210,7 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     """The "Use a searched schedule" example in the README, executed as written."""
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Use a searched schedule", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     schedule = presets.build("unipc_2_bh2", NOISE, 5, "trailing").with_metadata(noise_schedule=NOISE.to_dict())
     schedule.save(tmp_path / "digits-nfe5.json")
@@ -251,9 +251,8 @@ def test_unknown_skipped_blocks_are_clear_errors(tmp_path):
     unet = make_tiny_unet(channels=3).float()
     schedule = pruned_schedule(["down_blocks.0.resnets.0", "mid_block.resnets.7", "up_blocks.0.resnets.0"])
     scheduler = SearchedScheduler.from_schedule(schedule, DDPMScheduler().config)
-    with pytest.raises(ScheduleError, match="mid_block.resnets.7"):
-        with pruned(unet, scheduler):
-            pass
+    with pytest.raises(ScheduleError, match="mid_block.resnets.7"), pruned(unet, scheduler):
+        pass
     path = schedule.save(tmp_path / "pruned.json")
     result = subprocess.run([sys.executable, "-m", "solversearch.cli", "sample", "--model", "bundled:digits", "--schedule", str(path),
                              "--n", "2", "--out", str(tmp_path / "g.png")], capture_output=True, text=True)

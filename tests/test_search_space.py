@@ -111,7 +111,7 @@ def test_crossover_blends_parents_in_lambda():
     ops = Operators(TIMESTEPS, 5, NOISE)
     a, b = ops.from_grid("logsnr"), ops.from_grid("time_uniform")
     rng = np.random.default_rng(1)
-    lam = lambda s: NOISE.lambda_(np.array(s.timesteps))  # noqa: E731
+    lam = lambda s: NOISE.lambda_(np.array(s.timesteps))
     for _ in range(20):
         child = ops.crossover(a, b, rng)
         inner = slice(1, -1)
@@ -153,7 +153,7 @@ def test_encoding_suggestions_are_valid_and_round_trip(seed, nfe):
     for name, value in params.items():
         assert distributions[name]._contains(distributions[name].to_internal_repr(value))
     again = encoding.to_schedule(params)
-    lam = lambda s: NOISE.lambda_(np.array([t for t in s.timesteps if t > 0]))  # noqa: E731
+    lam = lambda s: NOISE.lambda_(np.array([t for t in s.timesteps if t > 0]))
     assert again.steps == schedule.steps and again.first_step == schedule.first_step
     np.testing.assert_allclose(lam(again), lam(schedule), atol=0.05 * (lam(schedule)[-1] - lam(schedule)[0]))
 

@@ -555,7 +555,7 @@ def _hint(url: str) -> str:
 def _redact_unparseable(url: str) -> str:
     # No parser to trust: hide everything between the scheme and the last "@", keeping only a user
     # name that is clearly separated from a password.
-    match = re.match(r"^(?P<scheme>[^:/@]*:/*)(?P<userinfo>.*)@(?P<rest>[^@]*)$", url, flags=re.S)
+    match = re.match(r"^(?P<scheme>[^:/@]*:/*)(?P<userinfo>.*)@(?P<rest>[^@]*)$", url, flags=re.DOTALL)
     if match is None:
         return url
     user, sep, _ = match["userinfo"].partition(":")
