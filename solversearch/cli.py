@@ -286,7 +286,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-
     from .models.spec import load_model
     from .progress import duration
     from .refine import RefineSettings, refine
@@ -341,7 +340,6 @@ def _schedule_argument(text: str, noise, nfe: int, storage: str | None = None):
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-
     from rich.console import Console
 
     from .progress import SearchProgress

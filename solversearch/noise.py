@@ -143,7 +143,7 @@ class DiscreteVP(NoiseSchedule):
         if trained is not None:
             if not isinstance(trained, (list, tuple)) or len(trained) < 2:
                 raise NoiseScheduleError(f"trained_betas must be a list of at least 2 numbers, got {trained!r}")
-            betas = torch.tensor([_config_number({"trained_betas": b}, "trained_betas", 0.0, below=1.0) for b in trained], dtype=dtype)
+            betas = torch.tensor([_number(b, "trained_betas", below=1.0) for b in trained], dtype=dtype)
             description: dict[str, Any] = {"trained_betas": betas.tolist()}
             n = betas.numel()
         elif schedule == "linear":
@@ -270,13 +270,17 @@ def noise_schedule_from_dict(description: Mapping[str, Any]) -> NoiseSchedule:
     raise NoiseScheduleError(f"unknown noise schedule kind {kind!r}; expected 'discrete_vp' or 'linear_vp'")
 
 
-def _config_number(config: Mapping[str, Any], key: str, default: float | None, *, integer: bool = False,
-                   low: float = 0.0, below: float = math.inf) -> Any:
-    """config[key] (or `default`; None: required) as a finite number with low < value < below (low ≤ for
-    integers); anything else is a NoiseScheduleError naming the key."""
+def _config_number(config: Mapping[str, Any], key: str, default: float | None, **bounds: Any) -> Any:
+    """config[key], or `default` (None: the key is required), checked by `_number`."""
     value = config.get(key, default)
     if value is None:
         raise NoiseScheduleError(f"{key}: required")
+    return _number(value, key, **bounds)
+
+
+def _number(value: Any, key: str, *, integer: bool = False, low: float = 0.0, below: float = math.inf) -> Any:
+    """`value` as a finite number with low < value < below (low ≤ for integers); anything else is a
+    NoiseScheduleError naming `key`."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not (
         (low <= value if integer else low < value) and value < below

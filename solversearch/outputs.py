@@ -24,11 +24,9 @@ def output_file(path: str | Path, option: str = "--out", suffixes: Sequence[str]
         raise SolversearchError(f"{option}: {str(path)!r} is a folder; give a file name")
     if suffixes and path.suffix.lower() not in suffixes:
         raise SolversearchError(f"{option}: {str(path)!r} must end in {' or '.join(suffixes)}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise SolversearchError(f"{option}: the folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SolversearchError(f"{option}: the folder {str(folder)!r} is not writable")
+    if not path.parent.is_dir():
+        raise SolversearchError(f"{option}: the folder {str(path.parent)!r} does not exist")
+    _writable(path.parent, option)
     return path
 
 
@@ -43,9 +41,13 @@ def output_folder(path: str | Path, option: str = "--out") -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise SolversearchError(f"{option}: cannot make the folder {str(path)!r}: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SolversearchError(f"{option}: the folder {str(existing)!r} is not writable")
+    _writable(existing, option)
     return path
+
+
+def _writable(folder: Path, option: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SolversearchError(f"{option}: the folder {str(folder)!r} is not writable")
 
 
 @contextmanager

@@ -18,7 +18,8 @@ outputs: see README "What the numbers mean".) Full-batch Adam; after every step 
 scored: a step that does not lower it is undone and the learning rate halved (Adam's first steps move
 every parameter by about the learning rate, which overshoots near an optimum), and `patience` such
 failures in a row end the refinement. The best held-out iterate is kept, so the result never scores
-worse there than the schedule it started from. The result is an ordinary `SolverSchedule`: it loads and samples everywhere.
+worse there than the schedule it started from. The result is an ordinary `SolverSchedule`: it loads
+and samples everywhere.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
 def tuning(request: StopRequest) -> Iterator[None]:
     """Around `Tuner.fit()`: Tune must not take SIGINT over, nor print its restore hint (a search resumes
     from its study, not from Tune's temporary folder, which is deleted)."""
+    disabled = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tune_logger = logging.getLogger("ray.tune.tune")
     level = tune_logger.level
@@ -82,4 +83,8 @@ def tuning(request: StopRequest) -> Iterator[None]:
     finally:
         request.tuning = False
         tune_logger.setLevel(level)
+        if disabled is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = disabled
     request.check()
