@@ -18,11 +18,12 @@ import torch
 from . import presets
 from .errors import SolversearchError
 from .evaluator import Evaluator
-from .noise import DiscreteVP, NoiseSchedule
+from .grids import grid_applies
+from .noise import NoiseSchedule
 from .outputs import atomic_output, write_text
 
 DEFAULT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_heun", "dpmpp_3m", "unipc_2_bh1", "unipc_2_bh2", "unipc_3_bh2", "deis_3")
-DEFAULT_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing")
+DEFAULT_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing", "shifted", "flow_sigmas", "edm")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def choose(names: Sequence[str] | None, default: Sequence[str], known: Iterable[
 
 
 def applicable_grids(grids: Sequence[str], noise: NoiseSchedule) -> list[str]:
-    """diffusers' integer-timestep grids only exist for discrete noise schedules."""
-    return [g for g in grids if isinstance(noise, DiscreteVP) or g not in ("linspace", "leading", "trailing")]
+    """The grids that exist on `noise`: the schedulers' own grids only on their family of paths."""
+    return [g for g in grids if grid_applies(g, noise)]
 
 
 def run_baselines(

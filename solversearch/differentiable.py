@@ -14,7 +14,7 @@ runs it unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -65,8 +65,11 @@ def first_derivative_scale(step: Step, hh: Tensor) -> Tensor:
     return torch.ones_like(hh)
 
 
-def alpha_sigma_of_lambda(lam: Tensor) -> tuple[Tensor, Tensor]:
-    """VP: α = √sigmoid(2λ), σ = √sigmoid(−2λ), in log form so that neither end loses precision."""
+AlphaSigma = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def vp_alpha_sigma_of_lambda(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """VP: α = √sigmoid(2λ), σ = √sigmoid(−2λ) (what `VariancePreserving.torch_alpha_sigma_of_lambda` gives)."""
     return torch.exp(-0.5 * torch.nn.functional.softplus(-2.0 * lam)), torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * lam))
 
 
@@ -77,10 +80,12 @@ def exponential_update(
     lam_t: Tensor | None,
     points_per_derivative: Sequence[Sequence[int]],
     derivative_scales: Sequence[Tensor],
+    alpha_sigma: AlphaSigma = vp_alpha_sigma_of_lambda,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Coefficients of one order-k update from point s to log-SNR `lam_t` (None: to σ = 0), as
-    `plan.exponential_update`: the coefficient of x_s and the weights of F at each point."""
-    alpha_s, sigma_s = alpha_sigma_of_lambda(lambdas[s])
+    `plan.exponential_update`: the coefficient of x_s and the weights of F at each point. `alpha_sigma`
+    gives the path's α and σ at a λ (σ = 0 means α = 1 on every path)."""
+    alpha_s, sigma_s = alpha_sigma(lambdas[s])
     data = prediction == "data"
     if lam_t is None:
         if points_per_derivative:
@@ -88,7 +93,7 @@ def exponential_update(
         if data:
             return torch.zeros_like(alpha_s), {s: torch.ones_like(alpha_s)}
         return 1.0 / alpha_s, {s: -sigma_s / alpha_s}
-    alpha_t, sigma_t = alpha_sigma_of_lambda(lam_t)
+    alpha_t, sigma_t = alpha_sigma(lam_t)
     h = lam_t - lambdas[s]
     if data:
         x_coef, base, sign, hh = sigma_t / sigma_s, alpha_t * -torch.expm1(-h), alpha_t, -h
@@ -109,11 +114,12 @@ def plan_from_lambdas(
     lambdas: Tensor,
     times: Tensor,
     first_derivative_factors: Tensor | None = None,
+    noise: NoiseSchedule | None = None,
 ) -> SamplingPlan:
     """The plan of `schedule`'s decisions at log-SNR values `lambdas` (one per time; a schedule ending at
     t = 0 gives one fewer: σ = 0 has no finite λ) and network times `times` (one per time), with
     `first_derivative_factors` (one per step) replacing the steps' own when given. Every number in it
-    is a float64 tensor, differentiable in all three inputs."""
+    is a float64 tensor, differentiable in all three inputs. `noise` is the path (default: VP)."""
     n_steps = schedule.n_steps
     finite = n_steps + 1 - schedule.ends_at_zero
     if lambdas.shape != (finite,) or times.shape != (n_steps + 1,):
@@ -122,7 +128,8 @@ def plan_from_lambdas(
     gaps = lambdas[1:] - lambdas[:-1]
     if bool((gaps.detach() <= MIN_LAMBDA_GAP).any()):
         raise ScheduleError("log-SNR values must increase by more than MIN_LAMBDA_GAP from step to step")
-    alphas, sigmas = alpha_sigma_of_lambda(lambdas)
+    alpha_sigma = vp_alpha_sigma_of_lambda if noise is None else noise.torch_alpha_sigma_of_lambda
+    alphas, sigmas = alpha_sigma(lambdas)
     if schedule.ends_at_zero:
         alphas = torch.cat([alphas, alphas.new_ones(1)])
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -139,9 +146,9 @@ def plan_from_lambdas(
             scales = [first_derivative_scale(step, hh) * factor] + [hh.new_tensor(1.0)] * (len(points) - 1)
             if len(points) >= 2:
                 scales[1] = hh.new_tensor(step.second_derivative_factor)
-        x_coef, weights = exponential_update(step.prediction, i, lambdas, lam_t, points, scales)
+        x_coef, weights = exponential_update(step.prediction, i, lambdas, lam_t, points, scales, alpha_sigma)
         predicts.append(LinearUpdate(x_coef, uses, tuple(sorted(weights.items()))))
-        corrections.append(_unic(step, i, lambdas) if step.corrector == "unic" else None)
+        corrections.append(_unic(step, i, lambdas, alpha_sigma) if step.corrector == "unic" else None)
     released = last_use(predicts, corrections)
     steps = tuple(
         PlannedStep(
@@ -167,12 +174,11 @@ def differentiable_plan(
     schedule's torch log α(t)."""
     if times is None:
         times = torch.tensor(schedule.timesteps, dtype=torch.float64)
-    log_alpha = noise.torch_log_alpha()(times[: schedule.n_steps + 1 - schedule.ends_at_zero])
-    lambdas = log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
-    return plan_from_lambdas(schedule, lambdas, times, first_derivative_factors)
+    lambdas = noise.torch_lambda(times[: schedule.n_steps + 1 - schedule.ends_at_zero])
+    return plan_from_lambdas(schedule, lambdas, times, first_derivative_factors, noise)
 
 
-def _unic(step: Step, i: int, lambdas: Tensor) -> LinearUpdate:
+def _unic(step: Step, i: int, lambdas: Tensor, alpha_sigma: AlphaSigma) -> LinearUpdate:
     """UniC of step i, as `plan._unic`: order k + 1 through the predictor's points and the new point;
     the scaling only when that is an order-2 update."""
     order = step.order + 1
@@ -181,5 +187,5 @@ def _unic(step: Step, i: int, lambdas: Tensor) -> LinearUpdate:
     scales = [hh.new_tensor(1.0)] * (order - 1)
     if order == 2:
         scales[0] = first_derivative_scale(step, hh)
-    x_coef, weights = exponential_update(step.prediction, i, lambdas, lambdas[i + 1], [fit] * (order - 1), scales)
+    x_coef, weights = exponential_update(step.prediction, i, lambdas, lambdas[i + 1], [fit] * (order - 1), scales, alpha_sigma)
     return LinearUpdate(x_coef, "x0" if step.prediction == "data" else "eps", tuple(sorted(weights.items())))

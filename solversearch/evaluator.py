@@ -195,11 +195,12 @@ class Evaluator:
         """All n samples of `schedule` from the evaluator's fixed x_T (float32, on the CPU);
         `on_batch(samples done)` after each batch."""
         plan = compile_plan(schedule, self.model.noise_schedule)
+        scale = self.model.noise_schedule.prior_std(schedule.timesteps[0])  # 1 on VP and flow paths
         out = []
         batch_size = self.batch_size
         for start in range(0, self.settings.n, batch_size):
             stop = min(start + batch_size, self.settings.n)
-            x_T = self.x_T[start:stop].to(self.device)
+            x_T = self.x_T[start:stop].to(self.device) * scale
             with self._autocast():
                 x = execute(plan, self.denoiser_for(start, stop), x_T).sample
             out.append(x.float().cpu())
@@ -421,7 +422,13 @@ class Evaluator:
 
 def teacher_schedule(noise: NoiseSchedule, steps: int) -> SolverSchedule:
     """The converged solution: UniPC-3 (fourth order, no lower-order final steps) on a λ-uniform grid
-    from the start of the noise schedule to its usual end for that many steps."""
-    times = logsnr_uniform(noise, steps, noise.t_max, noise.default_t_end(steps))
-    schedule = presets.unipc(list(times), p=3, variant="bh2", lower_order_final=False)
+    from the start of the noise schedule to its usual end for that many steps. Where λ(t_max) = −∞ (a
+    flow path at σ = 1) the first step is a first-order step to `t_start`, where λ is finite."""
+    end = noise.default_t_end(steps)
+    if noise.t_start < noise.t_max:
+        times = [noise.t_max, *logsnr_uniform(noise, steps - 1, noise.t_start, end)]
+        schedule = presets.from_pure_noise(presets.unipc(times, p=3, variant="bh2", lower_order_final=False))
+    else:
+        times = list(logsnr_uniform(noise, steps, noise.t_max, end))
+        schedule = presets.unipc(times, p=3, variant="bh2", lower_order_final=False)
     return schedule.with_metadata(name=f"teacher/unipc_3_bh2/logsnr/{steps}", noise_schedule=noise.to_dict())

@@ -1,8 +1,11 @@
 """Timestep grids: the N + 1 times (from t_start down to t_end) at which a sampler with N steps stops.
 
-Continuous grids (time-uniform, time-quadratic, logSNR-uniform, Karras ρ) run from T = 1 to a small
-t_end; diffusers' `timestep_spacing` grids use integer training timesteps and end at σ = 0 (t = 0),
-as diffusers' multistep schedulers do with `final_sigmas_type="zero"`.
+Continuous grids (time-uniform, time-quadratic, logSNR-uniform, Karras ρ) run from the path's
+`t_start` to a small t_end (on flow and EDM paths σ is proportional to t, so time-uniform is σ-uniform). The schedulers'
+own grids end at σ = 0 (t = 0), as diffusers' schedulers do with `final_sigmas_type="zero"`: the
+`timestep_spacing` grids of discrete VP models (integer training timesteps), the shifted flow sigmas
+(`shifted`: FlowMatchEulerDiscreteScheduler's; `flow_sigmas`: the multistep schedulers' `use_flow_sigmas`)
+and EDM's Karras sigmas (`edm`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import SolversearchError
-from .noise import DiscreteVP, NoiseSchedule
+from .noise import DiscreteVP, KarrasVE, NoiseSchedule, RectifiedFlow
 
 DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -86,17 +89,70 @@ def diffusers_grid(
     return np.concatenate([noise.timestep_to_t(steps), [t_final]])
 
 
+def flow_shifted(noise: NoiseSchedule, n: int) -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler's sigmas: n unshifted sigmas uniform from 1 to the training schedule's
+    smallest sigma (itself shifted when the shift is static, as diffusers computes it), shifted, then 0."""
+    flow = _flow(noise, "shifted")
+    s_min = 1.0 / flow.num_train_timesteps
+    if not flow.use_dynamic_shifting:
+        s_min = float(flow.shifted(s_min))
+    unshifted = np.linspace(flow.num_train_timesteps, s_min * flow.num_train_timesteps, n) / flow.num_train_timesteps
+    return np.concatenate([flow.shifted(unshifted), [0.0]])
+
+
+def flow_sigmas(noise: NoiseSchedule, n: int) -> np.ndarray:
+    """The multistep schedulers' `use_flow_sigmas` grid (DPM-Solver++, UniPC): 1 − α for α uniform from
+    1/N to 1, shifted, largest n first, then 0; it starts at the shifted `t_start` = 1 − 1/N, below σ = 1."""
+    flow = _flow(noise, "flow_sigmas")
+    unshifted = 1.0 - np.linspace(1.0, 1.0 / flow.num_train_timesteps, n + 1)
+    return np.concatenate([flow.shifted(unshifted)[::-1][:-1], [0.0]])
+
+
+def edm_karras(noise: NoiseSchedule, n: int) -> np.ndarray:
+    """EDM's schedulers' grid: n Karras sigmas (ρ of the path) from σ_max to σ_min, then 0."""
+    if not isinstance(noise, KarrasVE):
+        raise SolversearchError(f"the 'edm' grid needs an EDM noise path, not {noise!r}")
+    if n < 2:
+        return np.array([1.0, 0.0])
+    return np.concatenate([karras(noise, n - 1, 1.0, noise.t_of_sigma(noise.sigma_min), noise.rho), [0.0]])
+
+
+def _flow(noise: NoiseSchedule, grid: str) -> RectifiedFlow:
+    if not isinstance(noise, RectifiedFlow):
+        raise SolversearchError(f"the {grid!r} grid needs a rectified-flow noise path, not {noise!r}")
+    return noise
+
+
 GridFn = Callable[[NoiseSchedule, int], np.ndarray]
 
 GRIDS: dict[str, GridFn] = {
-    "time_uniform": lambda noise, n: time_uniform(n, noise.t_max, noise.default_t_end(n)),
-    "time_quadratic": lambda noise, n: time_quadratic(n, noise.t_max, noise.default_t_end(n)),
-    "logsnr": lambda noise, n: logsnr_uniform(noise, n, noise.t_max, noise.default_t_end(n)),
-    "karras": lambda noise, n: karras(noise, n, noise.t_max, noise.default_t_end(n)),
+    "time_uniform": lambda noise, n: time_uniform(n, noise.t_start, noise.default_t_end(n)),
+    "time_quadratic": lambda noise, n: time_quadratic(n, noise.t_start, noise.default_t_end(n)),
+    "logsnr": lambda noise, n: logsnr_uniform(noise, n, noise.t_start, noise.default_t_end(n)),
+    "karras": lambda noise, n: karras(noise, n, noise.t_start, noise.default_t_end(n)),
     "linspace": lambda noise, n: diffusers_grid(noise, n, "linspace"),
     "leading": lambda noise, n: diffusers_grid(noise, n, "leading"),
     "trailing": lambda noise, n: diffusers_grid(noise, n, "trailing"),
+    "shifted": flow_shifted,
+    "flow_sigmas": flow_sigmas,
+    "edm": edm_karras,
 }
+# The schedulers' own grids exist only on their family of paths; the continuous ones on every path.
+FAMILY_GRIDS: dict[str, tuple[str, ...]] = {
+    "vp": ("linspace", "leading", "trailing"),
+    "flow": ("shifted", "flow_sigmas"),
+    "edm": ("edm",),
+}
+
+
+def grid_applies(name: str, noise: NoiseSchedule) -> bool:
+    """Whether grid `name` exists on `noise` (the diffusers spacings need a discrete VP schedule)."""
+    own = {g for grids in FAMILY_GRIDS.values() for g in grids}
+    if name not in own:
+        return name in GRIDS
+    if name in FAMILY_GRIDS["vp"]:
+        return isinstance(noise, DiscreteVP)
+    return name in FAMILY_GRIDS[noise.family]
 
 
 def make_grid(name: str, noise: NoiseSchedule, n_steps: int) -> np.ndarray:
@@ -113,3 +169,9 @@ def _pin_ends(t: np.ndarray, t_start: float, t_end: float) -> np.ndarray:
     t = np.array(t, dtype=np.float64)
     t[0], t[-1] = t_start, t_end
     return t
+
+
+def scheduler_grid(noise: NoiseSchedule) -> str:
+    """The grid diffusers' multistep schedulers use on this family of paths: trailing timesteps (VP), the
+    shifted flow sigmas (flow) or Karras sigmas (EDM)."""
+    return {"vp": "trailing", "flow": "flow_sigmas", "edm": "edm"}[noise.family]

@@ -290,6 +290,7 @@ def sample(
         denoiser = denoiser.to(device)
     plan = compile_plan(schedule, denoiser.noise_schedule)
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    x_T = x_T * denoiser.noise_schedule.prior_std(schedule.timesteps[0])
     out = []
     with torch.no_grad():
         for start in range(0, n, batch_size):

@@ -44,6 +44,9 @@ class PlannedStep:
     predict: LinearUpdate
     release: tuple[int, ...]  # stored points no later update needs
     skip: tuple[str, ...]
+    # What the model must return here: "eps", or "x0" where α = 0 (a flow path at σ = 1), since there
+    # x̂₀ = (x − σ ε)/α is 0/0 while ε = x/σ follows from x̂₀.
+    target: str = "eps"
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,16 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
             f"timesteps[{i + 1}]: too close to timesteps[{i}] (log-SNR gap {gaps[i]:.2g}, need > {MIN_LAMBDA_GAP:g}); "
             "derivative estimates through nearly equal points are meaningless"
         )
+    starts_at_pure_noise = alphas[0] == 0.0
+    if starts_at_pure_noise:
+        _check_start_at_pure_noise(schedule)
     predict_updates: list[LinearUpdate] = []
     corrections: list[LinearUpdate | None] = []
     for i, step in enumerate(schedule.steps):
+        if i == 0 and starts_at_pure_noise:
+            # From α = 0 the noise form's α_t/α_s is infinite; its limit is the data form's first-order
+            # step x_t = σ_t x_s + α_t x̂₀ (DDIM, the flow Euler step), the same update in either form.
+            step = Step(prediction="data", order=1)
         uses = "x0" if step.prediction == "data" else "eps"
         hh = (lambdas[i + 1] - lambdas[i]) * (-1.0 if step.prediction == "data" else 1.0)
         points = [[i - b for b in p] for p in step.derivative_points]
@@ -181,9 +191,32 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
                 predict=predict_updates[i],
                 release=released,
                 skip=step.skip,
+                target="x0" if i == 0 and starts_at_pure_noise else "eps",
             )
         )
     return SamplingPlan(steps=tuple(planned), t_final=float(times[-1]), nfe=schedule.nfe)
+
+
+def _check_start_at_pure_noise(schedule: SolverSchedule) -> None:
+    """At α = 0 (λ = −∞) a point is infinitely far from every other in λ: no derivative can be fitted
+    through it, and nothing but the model's x̂₀ there is known."""
+    first = schedule.steps[0]
+    if schedule.first_step == "analytic":
+        raise ScheduleError("first_step: an analytic first step cannot start at α = 0 (σ = 1 on a flow path); use 'model'")
+    if first.order != 1 or first.corrector != "none":
+        raise ScheduleError(
+            "steps[0]: a step from α = 0 (σ = 1 on a flow path) must be first order without corrector; "
+            "start below σ = 1 (e.g. the flow path's t_start) for a multistep solver"
+        )
+    for i, step in enumerate(schedule.steps[1:], start=1):
+        fitted = {i - b for p in step.derivative_points for b in p} | (
+            {i - b for b in step.history_used} if step.corrector == "unic" else set()
+        )
+        if 0 in fitted:
+            raise ScheduleError(
+                f"steps[{i}]: fits a derivative through the point at α = 0 (λ = −∞, σ = 1 on a flow path); "
+                "start below σ = 1 or lower this step's order"
+            )
 
 
 def _unic(step: Step, i: int, lambdas: np.ndarray, alphas: np.ndarray, sigmas: np.ndarray) -> LinearUpdate:

@@ -9,14 +9,14 @@ always first order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import SolversearchError
 from .grids import make_grid
 from .noise import NoiseSchedule
-from .schedule import SolverSchedule, Step
+from .schedule import SolverSchedule, Step, full_points
 
 Times = Sequence[float] | np.ndarray
 
@@ -150,5 +150,30 @@ def build(name: str, noise: NoiseSchedule, nfe: int, grid: str = "logsnr") -> So
     """Preset `name` with `nfe` network evaluations on the named grid, e.g. build("dpmpp_2m", noise, 10)."""
     if name not in PRESETS:
         raise SolversearchError(f"unknown solver preset {name!r}; expected one of {sorted(PRESETS)}")
-    schedule = PRESETS[name].build(make_grid(grid, noise, nfe))
+    times = make_grid(grid, noise, nfe)
+    schedule = PRESETS[name].build(times)
+    if float(noise.alpha(times[0])) == 0.0:
+        schedule = from_pure_noise(schedule)
     return schedule.with_metadata(name=f"{name}/{grid}/nfe{nfe}", noise_schedule=noise.to_dict())
+
+
+def from_pure_noise(schedule: SolverSchedule) -> SolverSchedule:
+    """The schedule for a grid that starts at α = 0 (a flow grid at σ = 1), where λ = −∞ and no
+    derivative can be fitted through the first point: the first step becomes first order without
+    corrector, and step i's order is capped at i, so the warm-up starts one step later."""
+    steps = []
+    for i, step in enumerate(schedule.steps):
+        order = 1 if i == 0 else min(step.order, i)
+        if order < step.order or i == 0:
+            step = replace(
+                step,
+                order=order,
+                derivative_points=full_points(order),
+                scaling=step.scaling if order >= 2 else "none",
+                linear_coefficient=step.linear_coefficient if order >= 2 else 0.0,
+                first_derivative_factor=step.first_derivative_factor if order >= 2 else 1.0,
+                second_derivative_factor=step.second_derivative_factor if order >= 3 else 1.0,
+                corrector="none" if i == 0 else step.corrector,
+            )
+        steps.append(step)
+    return replace(schedule, steps=tuple(steps))

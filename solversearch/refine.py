@@ -185,11 +185,12 @@ class TimeParametrisation:
 class _TeacherBatch:
     """One batch of x_T with its teacher's feature layers: the loss of a plan is the mean teacher distance."""
 
-    def __init__(self, model: ModelHandle, n: int, seed: int, settings: RefineSettings, cache: ArrayCache | None):
+    def __init__(self, model: ModelHandle, n: int, seed: int, settings: RefineSettings, cache: ArrayCache | None,
+                 t_start: float):
         self.evaluator = Evaluator(model, _batch_settings(n, seed, settings), cache)
         teacher = self.evaluator.images(self.evaluator.teacher()).to(self.evaluator.device)
         self.teacher_layers = [layer.detach() for layer in self.evaluator.features.layers(teacher)]
-        self.x_T = self.evaluator.x_T.to(self.evaluator.device)
+        self.x_T = self.evaluator.x_T.to(self.evaluator.device) * model.noise_schedule.prior_std(t_start)
         self.denoiser = self.evaluator.denoiser_for(0, n)
 
     def loss(self, plan) -> torch.Tensor:
@@ -213,8 +214,8 @@ def refine(
     started = time.perf_counter()
     noise = model.noise_schedule
     shape = TimeParametrisation(schedule, noise, settings.end_range)
-    train = _TeacherBatch(model, settings.n, settings.seed, settings, cache)
-    heldout = _TeacherBatch(model, settings.heldout_n, settings.heldout_seed, settings, cache)
+    train = _TeacherBatch(model, settings.n, settings.seed, settings, cache, schedule.timesteps[0])
+    heldout = _TeacherBatch(model, settings.heldout_n, settings.heldout_seed, settings, cache, schedule.timesteps[0])
     split = torch.tensor(shape.initial_split_logits, dtype=torch.float64, requires_grad=True)
     end = torch.tensor(shape.initial_end_logit, dtype=torch.float64, requires_grad=True)
     learnable = torch.tensor([s.order >= 2 for s in schedule.steps])
@@ -225,7 +226,7 @@ def refine(
     def plan():
         lambdas = shape.lambdas(split, end)
         step_factors = torch.where(learnable, factors, torch.ones_like(factors))
-        return lambdas, step_factors, plan_from_lambdas(schedule, lambdas, shape.times(lambdas), step_factors)
+        return lambdas, step_factors, plan_from_lambdas(schedule, lambdas, shape.times(lambdas), step_factors, noise)
 
     def held_out_loss() -> float:
         """inf where a step made the times invalid (two log-SNR values closer than MIN_LAMBDA_GAP): undone."""

@@ -45,12 +45,13 @@ class SamplerState:
     def start(cls, x_T: torch.Tensor) -> SamplerState:
         return cls(x=x_T, x_start=x_T)
 
-    def advance(self, plan: SamplingPlan, i: int, eps: torch.Tensor) -> torch.Tensor:
-        """Step i given ε̂ at (x, t_i): store the point, apply the pending UniC correction of step i − 1,
-        then predict x(t_{i+1}). Returns the corrected x(t_i) (the trajectory point)."""
+    def advance(self, plan: SamplingPlan, i: int, eps: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Step i given ε̂ (and x̂₀, if the model gave it) at (x, t_i): store the point, apply the pending UniC
+        correction of step i − 1, then predict x(t_{i+1}). Returns the corrected x(t_i) (the trajectory point)."""
         step = plan.steps[i]
         self.eps_at[i] = eps
-        self.x0_at[i] = (self.x - step.sigma * eps) / step.alpha  # at the uncorrected x, as UniPC does
+        # At the uncorrected x, as UniPC does.
+        self.x0_at[i] = (self.x - step.sigma * eps) / step.alpha if x0 is None else x0
         if step.correct_previous is not None:
             self.x = _combine(step.correct_previous, self.x_start, self.eps_at, self.x0_at)
         corrected = self.x
@@ -92,12 +93,18 @@ def execute(
     state = SamplerState.start(x_T)
     trajectory = [x_T] if return_trajectory else None
     for i, step in enumerate(plan.steps):
-        if step.evaluate:
-            t = _times(step.t, batch, time_dtype, x_T.device)
-            eps = denoiser(state.x, t, skip=step.skip) if step.skip else denoiser(state.x, t)
-        else:
+        x0 = None
+        if not step.evaluate:
             eps = state.x  # the analytic first step: ε̂(x_T, T) = x_T
-        corrected = state.advance(plan, i, eps)
+        else:
+            t = _times(step.t, batch, time_dtype, x_T.device)
+            options = {"skip": step.skip} if step.skip else {}
+            if step.target == "x0":  # α = 0: only the model knows x̂₀, and ε = x/σ follows from it
+                x0 = denoiser(state.x, t, target="x0", **options)
+                eps = state.x / step.sigma
+            else:
+                eps = denoiser(state.x, t, **options)
+        corrected = state.advance(plan, i, eps, x0)
         if trajectory is not None and i > 0:
             trajectory.append(corrected)
     if trajectory is not None:

@@ -25,12 +25,12 @@ class PointMass(torch.nn.Module):
     def __init__(self, noise):
         super().__init__()
         self.noise_schedule = noise
-        self.log_alpha = noise.torch_log_alpha()
+        self.path_alpha_sigma = noise.torch_alpha_sigma()
         self.calls = 0
 
     def forward(self, x, t):
         self.calls += 1
-        alpha, sigma = alpha_sigma(self.log_alpha(t), x.ndim)
+        alpha, sigma = alpha_sigma(self.path_alpha_sigma, t, x.ndim)
         return (x - alpha * MU) / sigma
 
 

@@ -15,7 +15,8 @@ class Denoiser(Protocol):
 
     The adapter maps t to the network's own time input, converts the network's parameterisation to ε
     and applies guidance; `skip=` (a collection of block names) is passed only for steps that skip
-    blocks.
+    blocks. Where α(t) = 0 (a flow path at σ = 1) ε cannot give x̂₀, so the sampler asks for it:
+    `denoiser(x, t, target="x0")` returns x̂₀; denoisers of such paths accept that keyword.
     """
 
     noise_schedule: NoiseSchedule
@@ -23,9 +24,9 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
-def alpha_sigma(log_alpha: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """α and σ = √(1 − α²) from log α of shape (batch,), shaped to broadcast against a `ndim` tensor."""
+def alpha_sigma(path_alpha_sigma: torch.nn.Module, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """α(t) and σ(t) for t of shape (batch,) from a path's `torch_alpha_sigma()` module, shaped to broadcast
+    against a `ndim` tensor."""
     shape = (-1,) + (1,) * (ndim - 1)
-    alpha = log_alpha.exp().reshape(shape)
-    sigma = torch.sqrt(-torch.expm1(2.0 * log_alpha)).reshape(shape)
-    return alpha, sigma
+    alpha, sigma = path_alpha_sigma(t)
+    return alpha.reshape(shape), sigma.reshape(shape)

@@ -1,7 +1,8 @@
-"""Adapter from a diffusers UNet (UNet2DModel or UNet2DConditionModel; ε, v or x₀ output) to the Denoiser contract.
+"""Adapter from a diffusers UNet (UNet2DModel or UNet2DConditionModel) to the Denoiser contract.
 
-The adapter maps continuous t to the network's time input (via the noise schedule), converts the
-output to ε, and applies classifier-free guidance for conditional models. Conditioning (class labels,
+The adapter maps continuous t to the network's time input (via the noise path), converts the output
+(ε, v, x₀, flow velocity, or EDM's preconditioned output) to ε (or to x̂₀ when asked), and applies
+classifier-free guidance for conditional models. Conditioning (class labels,
 prompt embeddings) is per sample: `bind(...)` returns a denoiser for one batch, so the sampler keeps
 seeing `denoiser(x, t)`.
 """
@@ -16,11 +17,11 @@ from typing import Any
 import torch
 
 from ..errors import SolversearchError
-from ..noise import DiscreteVP, NoiseSchedule
+from ..noise import KarrasVE, NoiseSchedule, noise_schedule_from_diffusers_config
 from .base import alpha_sigma
 from .pruning import UnitCosts, prunable_units, skipping, unit_costs
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 class UNetDenoiser(torch.nn.Module):
@@ -36,11 +37,18 @@ class UNetDenoiser(torch.nn.Module):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise SolversearchError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if (prediction_type == "flow_prediction") != (noise_schedule.family == "flow"):
+            raise SolversearchError(
+                f"prediction_type {prediction_type!r} does not fit a {noise_schedule.family} noise path: flow models "
+                "predict the velocity (flow_prediction), other models ε, v or x₀"
+            )
+        if noise_schedule.family == "edm" and prediction_type not in ("epsilon", "v_prediction"):
+            raise SolversearchError(f"an EDM model's prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         self.unet = unet
         self.noise_schedule = noise_schedule
         self.prediction_type = prediction_type
         self.guidance_scale = float(guidance_scale)
-        self.log_alpha = noise_schedule.torch_log_alpha()
+        self.path_alpha_sigma = noise_schedule.torch_alpha_sigma()
         self._fingerprint: str | None = None
         self._unit_costs: UnitCosts | None = None
 
@@ -75,8 +83,9 @@ class UNetDenoiser(torch.nn.Module):
         sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
         if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
             raise SolversearchError(f"{config_path}: sample_size must be a positive integer or [height, width], got {size!r}")
-        noise = DiscreteVP.from_diffusers_config(scheduler_config)
-        prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        noise = noise_schedule_from_diffusers_config(scheduler_config)
+        default_prediction = "flow_prediction" if noise.family == "flow" else "epsilon"
+        prediction_type = scheduler_config.get("prediction_type", default_prediction)
         return cls(unet.eval().requires_grad_(False), noise, prediction_type, guidance_scale)
 
     @property
@@ -134,8 +143,8 @@ class UNetDenoiser(torch.nn.Module):
         return BoundDenoiser(self, conditioning)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **conditioning: Any) -> torch.Tensor:
-        """ε̂(x, t). No autograd graph unless x or t requires grad (a refinement learning the times): the
-        network's weights never do."""
+        """ε̂(x, t), or x̂₀ with `target="x0"`. No autograd graph unless x or t requires grad (a refinement
+        learning the times): the network's weights never do."""
         skip = conditioning.pop("skip", None)
         with torch.set_grad_enabled(torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)):
             if skip:
@@ -144,27 +153,44 @@ class UNetDenoiser(torch.nn.Module):
             return self._guided(x, t, conditioning)
 
     def _guided(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
+        """Guidance combines either target the same way: x̂₀ and ε are affine in each other at fixed (x, t)."""
         negative = conditioning.pop("negative_encoder_hidden_states", None)
+        target = conditioning.pop("target", "eps")
         if self.guidance_scale == 1.0:
-            return self._eps(x, t, conditioning)
+            return self._predict(x, t, conditioning, target)
         if negative is None:
             raise SolversearchError("guidance_scale ≠ 1 needs negative_encoder_hidden_states (the unconditional embedding)")
         positive = conditioning.pop("encoder_hidden_states")
         both = dict(conditioning, encoder_hidden_states=torch.cat([negative, positive]))
-        eps_uncond, eps_cond = self._eps(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        uncond, cond = self._predict(torch.cat([x, x]), torch.cat([t, t]), both, target).chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any]) -> torch.Tensor:
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict[str, Any], target: str) -> torch.Tensor:
+        """The network's output at (x, t) converted to ε ("eps") or x̂₀ ("x0")."""
         weight = next(self.unet.parameters(), None)  # the network runs in its own dtype (e.g. float16 on a GPU)
         dtype = weight.dtype if weight is not None else x.dtype
-        out = self.unet(x.to(dtype), self.noise_schedule.network_time(t).to(dtype), **conditioning).sample.to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return out
-        alpha, sigma = alpha_sigma(self.log_alpha(t), x.ndim)
+        time = self.noise_schedule.network_time(t).to(dtype)
+        if self.prediction_type == "epsilon" and target == "eps" and self.noise_schedule.family != "edm":
+            return self.unet(x.to(dtype), time, **conditioning).sample.to(x.dtype)
+        alpha, sigma = alpha_sigma(self.path_alpha_sigma, t, x.ndim)
         alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
-        if self.prediction_type == "v_prediction":
-            return sigma * x + alpha * out
-        return (x - alpha * out) / sigma
+        if isinstance(self.noise_schedule, KarrasVE):  # EDM: D(x) = c_skip x + c_out F(c_in x, c_noise)
+            c_in, c_skip, c_out = self.noise_schedule.preconditioning(sigma)
+            out = self.unet((c_in * x).to(dtype), time, **conditioning).sample.to(x.dtype)
+            x0 = c_skip * x + (c_out if self.prediction_type == "epsilon" else -c_out) * out
+            return x0 if target == "x0" else (x - x0) / sigma
+        out = self.unet(x.to(dtype), time, **conditioning).sample.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            eps, x0 = out, None
+        elif self.prediction_type == "v_prediction":  # VP: v = α ε − σ x₀
+            eps, x0 = sigma * x + alpha * out, alpha * x - sigma * out
+        elif self.prediction_type == "sample":
+            eps, x0 = None, out
+        else:  # flow velocity v = ε − x₀ with x = α x₀ + σ ε
+            eps, x0 = (x + alpha * out) / (alpha + sigma), (x - sigma * out) / (alpha + sigma)
+        if target == "x0":
+            return x0 if x0 is not None else (x - sigma * eps) / alpha
+        return eps if eps is not None else (x - alpha * x0) / sigma
 
 
 class BoundDenoiser:

@@ -21,7 +21,7 @@ from .base import alpha_sigma
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):
-    """Exact ε* of a Gaussian mixture under a VP noise schedule; data of shape `sample_shape`."""
+    """Exact ε* (and x̂₀*) of a Gaussian mixture under any noise path; data of shape `sample_shape`."""
 
     prediction_type = "epsilon"  # what it returns (the exact ε), for compatibility checks
 
@@ -50,7 +50,7 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         self.register_buffer("eigenvalues", torch.from_numpy(np.clip(eigenvalues, 0.0, None)))
         self.register_buffer("eigenvectors", torch.from_numpy(eigenvectors))
         self.noise_schedule = noise_schedule
-        self.log_alpha = noise_schedule.torch_log_alpha()
+        self.path_alpha_sigma = noise_schedule.torch_alpha_sigma()
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (d,)
         if math.prod(self.sample_shape) != d:
             raise SolversearchError(f"sample_shape {self.sample_shape} does not hold {d} dimensions")
@@ -66,9 +66,9 @@ class GaussianMixtureDenoiser(torch.nn.Module):
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps, _ = self.predictions(x, t)
-        return eps
+    def forward(self, x: torch.Tensor, t: torch.Tensor, target: str = "eps") -> torch.Tensor:
+        eps, x0 = self.predictions(x, t)
+        return x0 if target == "x0" else eps
 
     def data_prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _, x0 = self.predictions(x, t)
@@ -80,7 +80,7 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         flat = x.reshape(shape[0], self.dim)
         dtype = flat.dtype
         means, vecs, vals = (b.to(dtype) for b in (self.means, self.eigenvectors, self.eigenvalues))
-        alpha, sigma = alpha_sigma(self.log_alpha(t.to(dtype)), 2)  # (B, 1)
+        alpha, sigma = alpha_sigma(self.path_alpha_sigma, t.to(dtype), 2)  # (B, 1)
         centred = flat[:, None, :] - alpha[:, :, None] * means[None]  # (B, K, D)
         rotated = torch.einsum("kde,bkd->bke", vecs, centred)  # U_kᵀ (x − α μ_k)
         variance = alpha[:, :, None] ** 2 * vals[None] + sigma[:, :, None] ** 2  # eigenvalues of C_k

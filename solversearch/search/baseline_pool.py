@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from ray.tune.search import Searcher
 
-from ..grids import GRIDS, make_grid
-from ..noise import DiscreteVP, NoiseSchedule
+from ..grids import GRIDS, grid_applies, make_grid
+from ..noise import NoiseSchedule
 from ..presets import PRESETS, build
 from ..schedule import SolverSchedule
 from .operators import Operators
@@ -25,14 +25,13 @@ from .searchers import Observation, Proposal, ScheduleSearcher
 from .space import SearchSpace
 
 ALGORITHM = "baselines"
-DIFFUSERS_GRIDS = ("linspace", "leading", "trailing")
 
 
 def preset_grid_pairs(noise: NoiseSchedule, presets: Sequence[str] | str = "all",
                       grids: Sequence[str] | str = "all") -> list[tuple[str, str]]:
     """Every chosen (preset, grid) that exists on this noise schedule ("all": every one there is)."""
     presets = list(PRESETS) if presets == "all" else list(presets)
-    grids = [g for g in (GRIDS if grids == "all" else grids) if isinstance(noise, DiscreteVP) or g not in DIFFUSERS_GRIDS]
+    grids = [g for g in (GRIDS if grids == "all" else grids) if grid_applies(g, noise)]
     return [(preset, grid) for grid in grids for preset in presets]
 
 

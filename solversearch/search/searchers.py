@@ -27,7 +27,8 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from ..errors import SolversearchError
-from ..noise import DiscreteVP, NoiseSchedule
+from ..grids import grid_applies, scheduler_grid
+from ..noise import NoiseSchedule
 from ..outputs import atomic_output
 from ..presets import PRESETS, build
 from ..schedule import SolverSchedule
@@ -242,7 +243,7 @@ class _Stage0Mixin:
         noise, nfe = self.ops.noise, self.ops.nfe
         queue, keys = [], set()
         for grid in grids:
-            if grid in ("linspace", "leading", "trailing") and not isinstance(noise, DiscreteVP):
+            if not grid_applies(grid, noise):
                 continue
             for name in presets:
                 schedule = build(name, noise, nfe, grid)
@@ -281,7 +282,7 @@ class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
         super().__init__(space, nfe, noise, **kwargs)
         self.k, self.crossover_rate, self.tournament = k, crossover, tournament
         self.stage0_mutants = stage0_mutants
-        grids = stage0_grids or tuple(space.timesteps.init_grids) + ("trailing",)
+        grids = stage0_grids or tuple(space.timesteps.init_grids) + (scheduler_grid(noise),)
         unknown = [p for p in stage0_presets if p not in PRESETS]
         if unknown:
             raise SolversearchError(f"stage0_presets: unknown presets {unknown}")
