@@ -1,7 +1,16 @@
 """solversearch: search, export and load solver schedules for few-step diffusion sampling."""
 
 from .errors import ScheduleError, SolversearchError
-from .noise import DiscreteVP, LinearVP, NoiseSchedule, noise_schedule_from_dict
+from .noise import (
+    DiscreteVP,
+    KarrasVE,
+    LinearVP,
+    NoiseSchedule,
+    RectifiedFlow,
+    VariancePreserving,
+    noise_schedule_from_diffusers_config,
+    noise_schedule_from_dict,
+)
 from .sampler import Solution, solve
 from .schedule import FORMAT, SolverSchedule, Step, load_schedule
 
@@ -26,15 +35,19 @@ def __getattr__(name: str):
 __all__ = [
     "FORMAT",
     "DiscreteVP",
+    "KarrasVE",
     "LinearVP",
     "NoiseSchedule",
+    "RectifiedFlow",
     "ScheduleError",
     "SearchedScheduler",
     "Solution",
     "SolverSchedule",
     "SolversearchError",
     "Step",
+    "VariancePreserving",
     "load_schedule",
+    "noise_schedule_from_diffusers_config",
     "noise_schedule_from_dict",
     "sample",
     "solve",
