@@ -47,7 +47,8 @@ GLOBAL_FEATURES: int = 4
 
 def encode_schedule(schedule: SolverSchedule, noise: NoiseSchedule, n_units: int | None = None) -> np.ndarray:
     """One float32 row of STEP_FEATURES per step, in sampling order; `n_units` counts skippable blocks."""
-    lambdas = noise.lambda_(np.asarray(schedule.timesteps, dtype=np.float64))
+    # A flow grid may start at σ = 1, where λ = −∞; it is encoded as the path's usual start (`t_start`).
+    lambdas = noise.lambda_(np.minimum(np.asarray(schedule.timesteps, dtype=np.float64), noise.t_start))
     rows = [
         _step_row(i, step, lambdas[i], lambdas[i + 1], schedule, n_units) for i, step in enumerate(schedule.steps)
     ]

@@ -137,7 +137,12 @@ class Operators:
     def repair(self, times: list[float] | tuple[float, ...], steps: list[Step], first_step: str) -> SolverSchedule:
         """The nearest valid schedule in the space (decisions that cannot matter are normalised)."""
         n = len(steps)
-        times = self._separate(list(times))
+        times = list(times)
+        if not np.isfinite(self.noise.lambda_(times[0])):
+            # A parent from a grid that starts at pure noise (FlowMatchEuler's σ = 1, λ = −∞): no step order
+            # but the first is defined there, so its children start at the space's nearest start instead.
+            times[0] = min(self.space.timesteps.t_start, key=lambda t: abs(t - times[0]))
+        times = self._separate(times)
         skips = [self._repair_skip(step.skip) for step in steps]
         if self.space.fixed_solver:
             preset = PRESETS[self.space.solver].build(times)
@@ -162,15 +167,16 @@ class Operators:
             lams = np.append(lams, self.lambda_max)
         profile = (lams - lams[0]) / (lams[-1] - lams[0])
         new = np.interp(np.linspace(0, 1, n_steps + 1), np.linspace(0, 1, len(profile)), profile)
-        lam0 = float(self.noise.lambda_(t_start))
+        lam0 = float(self._positive_lambdas([t_start])[0])
         lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
         return self._times_from_lambdas(lam0 + new * (lam_end - lam0), t_start, t_end)
 
     # --- internals ----------------------------------------------------------------------------
 
     def _positive_lambdas(self, times) -> np.ndarray:
+        """λ of the positive times; a start at pure noise (λ = −∞) counts as the path's `t_start`."""
         t = np.asarray([x for x in times if x > 0], dtype=np.float64)
-        return self.noise.lambda_(t)
+        return self.noise.lambda_(np.minimum(t, self.noise.t_start))
 
     def _times_from_lambdas(self, lams: np.ndarray, t_start: float, t_end: float) -> list[float]:
         """n + 1 λ values → times; with t_end = 0 the last λ (the tail end) is replaced by t = 0."""
