@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from solversearch import DiscreteVP, LinearVP, grids
+from solversearch import DiscreteVP, KarrasVE, LinearVP, RectifiedFlow, grids
 from solversearch.errors import SolversearchError
 
 
@@ -60,10 +60,22 @@ def test_diffusers_grid_ends_at_sigma_zero_or_sigma_min(ddpm_noise):
     assert grids.diffusers_grid(ddpm_noise, 5, "trailing", final="sigma_min")[-1] == pytest.approx(1e-3)
 
 
-def test_every_named_grid_has_n_plus_one_decreasing_times(ddpm_noise):
-    for name in grids.GRIDS:
-        t = grids.make_grid(name, ddpm_noise, 6)
+@pytest.mark.parametrize("path", ["ddpm", "flow", "flow_dynamic", "edm"])
+def test_every_grid_of_a_path_has_n_plus_one_decreasing_times_in_0_1(path, ddpm_noise):
+    noise = {"ddpm": ddpm_noise, "flow": RectifiedFlow(shift=3.0),
+             "flow_dynamic": RectifiedFlow(use_dynamic_shifting=True, mu=0.8), "edm": KarrasVE()}[path]
+    applicable = [name for name in grids.GRIDS if grids.grid_applies(name, noise)]
+    assert set(grids.FAMILY_GRIDS[noise.family]) <= set(applicable) or path == "ddpm"
+    for name in applicable:
+        t = grids.make_grid(name, noise, 6)
         assert len(t) == 7 and np.all(np.diff(t) < 0) and t[0] <= 1.0 and t[-1] >= 0.0
+
+
+def test_the_schedulers_own_grids_exist_only_on_their_family(ddpm_noise):
+    for name, noise in [("shifted", ddpm_noise), ("flow_sigmas", KarrasVE()), ("edm", RectifiedFlow())]:
+        assert not grids.grid_applies(name, noise)
+        with pytest.raises(SolversearchError, match="needs"):
+            grids.make_grid(name, noise, 5)
 
 
 def test_bad_grid_requests_are_user_errors(ddpm_noise):
