@@ -115,8 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_positive_int,
                    help="the K-th best on the search seed (default: the search's winner, picked on the selection seed; "
                         "rank 1 if the study has no validation)")
-    p.add_argument("--format", choices=["solversearch", "diffusers"], default="solversearch")
-    p.add_argument("--diffusers-kind", choices=["timesteps", "sigmas"], default="timesteps")
+    p.add_argument("--format", choices=["solversearch", "diffusers", "comfyui"], default="solversearch",
+                   help="solversearch: the whole schedule; diffusers: its times for a diffusers scheduler; comfyui: "
+                        "a custom-sigmas list (with the final 0)")
+    p.add_argument("--diffusers-kind", choices=["timesteps", "sigmas"],
+                   help="with --format diffusers: integer timesteps (VP models, the default there) or sigmas in the "
+                        "units of the model's scheduler (the default, and the only kind, for flow and EDM models)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
     p.set_defaults(run=_cmd_export)
     return parser
@@ -482,8 +486,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from .noise import noise_schedule_from_dict
-    from .search.storage import export_diffusers, open_existing, storage_url
+    from .search.storage import export_comfyui, export_diffusers, open_existing, storage_url
 
+    if args.diffusers_kind is not None and args.format != "diffusers":
+        raise SolversearchError(f"--diffusers-kind applies to --format diffusers, not --format {args.format}")
     out = output_file(args.out)
     store = open_existing(storage_url(args.storage), args.study)
     validation = store.get_attr("validation", {}) or {}
@@ -511,9 +517,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         schedule.save(out)
     else:
         if schedule.noise_schedule is None:
-            raise SolversearchError("the stored schedule has no noise schedule; cannot convert to diffusers timesteps")
-        doc = export_diffusers(schedule, noise_schedule_from_dict(schedule.noise_schedule), args.diffusers_kind)
-        write_text(out, json.dumps(doc, indent=2) + "\n")
+            raise SolversearchError(f"the stored schedule has no noise schedule; cannot convert it to {args.format} times")
+        noise = noise_schedule_from_dict(schedule.noise_schedule)
+        if args.format == "diffusers":
+            doc = export_diffusers(schedule, noise, args.diffusers_kind)
+            write_text(out, json.dumps(doc, indent=2) + "\n")
+        else:  # a plain list, as ComfyUI's custom-sigmas inputs take it
+            doc = export_comfyui(schedule, noise)
+            write_text(out, json.dumps(doc["sigmas"]) + "\n")
+        print(f"solversearch: {args.format} {'timesteps' if 'timesteps' in doc else 'sigmas'}: {doc['units']}")
+        if doc["dropped"]:
+            print(f"solversearch: warning: a list of times cannot carry {'; '.join(doc['dropped'])} — "
+                  "SearchedScheduler runs the whole schedule", file=sys.stderr)
     print(f"wrote {out} (trial {chosen.number}, {chosen.schedule.name})")
     return 0
 

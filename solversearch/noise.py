@@ -597,9 +597,12 @@ def noise_schedule_from_diffusers_config(config: Mapping[str, Any], mu: float | 
     """The path a diffusers scheduler config describes: flow (FlowMatch*, `use_flow_sigmas`), EDM (EDM*)
     or a DDPM-family VP schedule."""
     name = str(config.get("_class_name", ""))
-    if name.startswith("FlowMatch") or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+    # A scheduler's in-memory config (`pipe.scheduler.config`) has no _class_name: the keys only flow schedulers
+    # (`shift`) and EDM-style ones (`sigma_data`) have tell the family.
+    flow = name.startswith("FlowMatch") or (not name and "shift" in config)
+    if flow or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
         return RectifiedFlow.from_diffusers_config(config, mu)
-    if name.startswith("EDM"):
+    if name.startswith("EDM") or (not name and "sigma_data" in config):
         return KarrasVE.from_diffusers_config(config)
     return DiscreteVP.from_diffusers_config(config)
 
