@@ -156,6 +156,7 @@ def plan_from_lambdas(
             alpha=alphas[i],
             sigma=sigmas[i],
             evaluate=not (i == 0 and schedule.first_step == "analytic"),
+            prior_std=noise.prior_std(float(times[0].detach())) if noise is not None and i == 0 else 1.0,
             correct_previous=corrections[i - 1] if i > 0 else None,
             predict=predicts[i],
             release=tuple(p for p, last in released.items() if last == i),

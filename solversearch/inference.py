@@ -211,7 +211,7 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
                     "not) — use solversearch.sample or a schedule with first_step 'model'"
                 )
             self._state = SamplerState.start(sample)
-            self._state.advance(self.plan, 0, sample)
+            self._state.advance(self.plan, 0, sample / self.plan.steps[0].prior_std)
             self._next_step = 1
         elif self._state is None:
             self._state = SamplerState.start(sample)

@@ -39,7 +39,7 @@ class PlannedStep:
     t: float
     alpha: float
     sigma: float
-    evaluate: bool  # False only for the analytic first step (ε̂ = x_T)
+    evaluate: bool  # False only for the analytic first step (ε̂ = x_T/prior_std)
     correct_previous: LinearUpdate | None  # the UniC correction of the previous step, run after evaluating here
     predict: LinearUpdate
     release: tuple[int, ...]  # stored points no later update needs
@@ -47,6 +47,9 @@ class PlannedStep:
     # What the model must return here: "eps", or "x0" where α = 0 (a flow path at σ = 1), since there
     # x̂₀ = (x − σ ε)/α is 0/0 while ε = x/σ follows from x̂₀.
     target: str = "eps"
+    # The standard deviation x_T is drawn with (the path's prior_std at the first time): the analytic
+    # first step takes ε̂(x_T, T) = x_T / prior_std, which is x_T on VP and flow paths.
+    prior_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
                 release=released,
                 skip=step.skip,
                 target="x0" if i == 0 and starts_at_pure_noise else "eps",
+                prior_std=noise.prior_std(float(times[0])) if i == 0 else 1.0,
             )
         )
     return SamplingPlan(steps=tuple(planned), t_final=float(times[-1]), nfe=schedule.nfe)

@@ -95,7 +95,7 @@ def execute(
     for i, step in enumerate(plan.steps):
         x0 = None
         if not step.evaluate:
-            eps = state.x  # the analytic first step: ε̂(x_T, T) = x_T
+            eps = state.x / step.prior_std  # the analytic first step: ε̂(x_T, T) = x_T/σ_T (x_T on VP)
         else:
             t = _times(step.t, batch, time_dtype, x_T.device)
             options = {"skip": step.skip} if step.skip else {}

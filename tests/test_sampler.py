@@ -163,3 +163,23 @@ def test_compiled_plan_releases_points_nobody_reads_again(ddpm_noise):
         peak = max(peak, len(held))
         held -= set(step.release)
     assert peak <= 4
+
+
+@pytest.mark.parametrize("path", ["vp", "edm", "flow"])
+def test_the_analytic_first_step_agrees_with_evaluating_the_model_on_every_path(path, ddpm_noise):
+    """At the first time x_T ≈ σ_T ε, so ε̂ = x_T/σ_T (x_T itself on VP and flow, where x_T ~ N(0, I)):
+    skipping that one evaluation must land where evaluating the exact mixture lands, to a small fraction
+    of the sample (an EDM x_T has standard deviation σ_max = 80, so taking ε̂ = x_T there is far off)."""
+    from dataclasses import replace
+
+    from solversearch import KarrasVE, RectifiedFlow, presets
+    from solversearch.models import GaussianMixtureDenoiser
+
+    noise = {"vp": ddpm_noise, "edm": KarrasVE(), "flow": RectifiedFlow(shift=3.0)}[path]
+    model = GaussianMixtureDenoiser.fit_digits(noise)
+    schedule = presets.build("dpmpp_2m", noise, 20, "logsnr")
+    x_T = torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x_T = x_T * noise.prior_std(schedule.timesteps[0])
+    evaluated = solve(model, schedule, x_T).sample
+    analytic = solve(model, replace(schedule, first_step="analytic"), x_T).sample
+    assert relative_error(analytic, evaluated) < 0.01
