@@ -4,7 +4,7 @@ Continuous grids (time-uniform, time-quadratic, logSNR-uniform, Karras ρ) run f
 `t_start` to a small t_end (on flow and EDM paths σ is proportional to t, so time-uniform is σ-uniform). The schedulers'
 own grids end at σ = 0 (t = 0), as diffusers' schedulers do with `final_sigmas_type="zero"`: the
 `timestep_spacing` grids of discrete VP models (integer training timesteps), the shifted flow sigmas
-(`shifted`: FlowMatchEulerDiscreteScheduler's; `flow_sigmas`: the multistep schedulers' `use_flow_sigmas`)
+(`shifted`: FlowMatchEulerDiscreteScheduler's; `flow_sigmas`: DPMSolverMultistepScheduler's `use_flow_sigmas`)
 and EDM's Karras sigmas (`edm`).
 """
 
@@ -101,8 +101,12 @@ def flow_shifted(noise: NoiseSchedule, n: int) -> np.ndarray:
 
 
 def flow_sigmas(noise: NoiseSchedule, n: int) -> np.ndarray:
-    """The multistep schedulers' `use_flow_sigmas` grid (DPM-Solver++, UniPC): 1 − α for α uniform from
-    1/N to 1, shifted, largest n first, then 0; it starts at the shifted `t_start` = 1 − 1/N, below σ = 1."""
+    """DPMSolverMultistepScheduler's `use_flow_sigmas` grid: 1 − α for α uniform from 1/N to 1, shifted,
+    largest n first, then 0; it starts at the shifted `t_start` = 1 − 1/N, below σ = 1.
+
+    UniPCMultistepScheduler's default flow grid differs (before the shift its sigmas are 1/N larger, the
+    first, σ = 1, nudged to 1 − 1e-6); it runs on this grid when handed `noise.unshifted(grid[:-1])` as `sigmas=`.
+    """
     flow = _flow(noise, "flow_sigmas")
     unshifted = 1.0 - np.linspace(1.0, 1.0 / flow.num_train_timesteps, n + 1)
     return np.concatenate([flow.shifted(unshifted)[::-1][:-1], [0.0]])
@@ -173,5 +177,5 @@ def _pin_ends(t: np.ndarray, t_start: float, t_end: float) -> np.ndarray:
 
 def scheduler_grid(noise: NoiseSchedule) -> str:
     """The grid diffusers' multistep schedulers use on this family of paths: trailing timesteps (VP), the
-    shifted flow sigmas (flow) or Karras sigmas (EDM)."""
+    shifted flow sigmas of DPMSolverMultistep (flow) or Karras sigmas (EDM)."""
     return {"vp": "trailing", "flow": "flow_sigmas", "edm": "edm"}[noise.family]

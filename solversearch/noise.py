@@ -333,8 +333,8 @@ class RectifiedFlow(NoiseSchedule):
     ε − x₀. The shift belongs to the model's sampling grids, not to the path: diffusers shifts every
     grid by σ' = s·σ/(1 + (s − 1)σ), or, with dynamic shifting, by σ' = e^μ/(e^μ + 1/σ − 1) with a
     resolution-dependent μ (`mu_for`). At t = 1 (σ = 1, α = 0) λ = −∞: only a first-order step may
-    start there, so the λ-uniform grids start at `t_start` = 1 − 1/N, where diffusers' multistep
-    schedulers start their flow sigmas.
+    start there, so the λ-uniform grids start at `t_start` = 1 − 1/N, where DPMSolverMultistepScheduler
+    starts its flow sigmas.
     """
 
     family = "flow"

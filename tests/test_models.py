@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from solversearch import DiscreteVP
+from solversearch import DiscreteVP, KarrasVE, RectifiedFlow
 from solversearch.errors import SolversearchError
 from solversearch.models import GaussianMixtureDenoiser, UNetDenoiser
 
@@ -116,3 +116,93 @@ def test_unet_adapter_converts_every_parameterisation_to_eps(prediction_type):
 def test_unet_adapter_rejects_unknown_parameterisations(ddpm_noise, tiny_unet):
     with pytest.raises(SolversearchError, match="prediction_type"):
         UNetDenoiser(tiny_unet, ddpm_noise, "flow")
+
+
+FLOW_AND_EDM = [RectifiedFlow(), RectifiedFlow(shift=3.0), KarrasVE(), KarrasVE(sigma_max=20.0, sigma_data=1.0)]
+
+
+@pytest.mark.parametrize("path", FLOW_AND_EDM, ids=repr)
+@pytest.mark.parametrize("t", [0.001, 0.05, 0.3, 0.7, 0.999])
+def test_mixture_is_exact_on_flow_and_edm_paths(path, t):
+    """ε* = −σ ∇log p_t and x̂₀* = (x − σ ε*)/α on every path, not only VP."""
+    model = random_mixture(path)
+    scale = float(path.sigma(t)) + 1.0
+    x = (torch.randn(7, model.dim, dtype=torch.float64) * scale).requires_grad_()
+    (score,) = torch.autograd.grad(log_density(model, x, t).sum(), x)
+    eps, x0 = model.predictions(x.detach(), torch.full((7,), t, dtype=torch.float64))
+    sigma, alpha = float(path.sigma(t)), float(path.alpha(t))
+    torch.testing.assert_close(eps, -sigma * score, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x0, (x.detach() - sigma * eps) / alpha, rtol=1e-9, atol=1e-9)
+
+
+class ExactFlowOrEDMNetwork(torch.nn.Module):
+    """The mixture's exact quantity in a network's own parameterisation, from the closed forms: a flow
+    network takes (x, σ·N) and returns the velocity ε − x₀; an EDM network takes (c_in x, ¼ ln σ) with
+    c_in = 1/√(σ² + σ_d²) and returns F with x̂₀ = c_skip x ± c_out F, c_skip = σ_d²/(σ² + σ_d²),
+    c_out = σ σ_d/√(σ² + σ_d²) (+ for epsilon, − for v_prediction)."""
+
+    def __init__(self, mixture: GaussianMixtureDenoiser, path, prediction_type: str):
+        super().__init__()
+        self.mixture, self.path, self.prediction_type = mixture, path, prediction_type
+
+    def forward(self, x_in: torch.Tensor, time: torch.Tensor) -> SimpleNamespace:
+        flat = x_in.reshape(x_in.shape[0], -1)
+        if isinstance(self.path, RectifiedFlow):
+            eps, x0 = self.mixture.predictions(flat, time / self.path.num_train_timesteps)
+            return SimpleNamespace(sample=(eps - x0).reshape(x_in.shape))
+        sigma = torch.exp(4.0 * time)[:, None]
+        sigma_data = self.path.sigma_data
+        total = sigma**2 + sigma_data**2
+        x = flat * total.sqrt()
+        _, x0 = self.mixture.predictions(x, sigma[:, 0] / self.path.sigma_max)
+        out = (x0 - sigma_data**2 / total * x) / (sigma * sigma_data / total.sqrt())
+        return SimpleNamespace(sample=(out if self.prediction_type == "epsilon" else -out).reshape(x_in.shape))
+
+
+@pytest.mark.parametrize(
+    "path, prediction_type",
+    [
+        (RectifiedFlow(), "flow_prediction"),
+        (RectifiedFlow(shift=3.0, num_train_timesteps=500), "flow_prediction"),
+        (KarrasVE(), "epsilon"),
+        (KarrasVE(), "v_prediction"),
+        (KarrasVE(sigma_min=0.01, sigma_max=20.0, sigma_data=1.0), "epsilon"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else repr(value),
+)
+def test_unet_adapter_converts_flow_and_edm_outputs_to_eps_and_x0(path, prediction_type):
+    mixture = random_mixture(path, d=4)
+    adapter = UNetDenoiser(ExactFlowOrEDMNetwork(mixture, path, prediction_type), path, prediction_type)
+    x = torch.randn(6, 1, 2, 2, dtype=torch.float64) * 3.0
+    t = torch.tensor([0.001, 0.02, 0.2, 0.5, 0.9, 1.0], dtype=torch.float64)
+    eps, x0 = mixture.predictions(x.reshape(6, 4), t)
+    torch.testing.assert_close(adapter(x, t), eps.reshape(x.shape), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(adapter(x, t, target="x0"), x0.reshape(x.shape), rtol=1e-9, atol=1e-9)
+
+
+def test_unet_adapter_gives_x0_at_pure_noise_on_a_flow_path():
+    """At σ = 1 (α = 0) x̂₀ = x − v, and ε = x."""
+    path = RectifiedFlow()
+    mixture = random_mixture(path, d=4)
+    adapter = UNetDenoiser(ExactFlowOrEDMNetwork(mixture, path, "flow_prediction"), path, "flow_prediction")
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.ones(3, dtype=torch.float64)
+    mean = (mixture.log_weights.exp()[:, None] * mixture.means).sum(0)
+    torch.testing.assert_close(adapter(x, t, target="x0"), mean.expand(3, 4).reshape(x.shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adapter(x, t), x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "path, prediction_type",
+    [
+        (RectifiedFlow(), "epsilon"),
+        (RectifiedFlow(), "v_prediction"),
+        (DiscreteVP.from_diffusers_config({}), "flow_prediction"),
+        (KarrasVE(), "flow_prediction"),
+        (KarrasVE(), "sample"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else type(value).__name__,
+)
+def test_unet_adapter_refuses_a_parameterisation_its_path_cannot_have(path, prediction_type, tiny_unet):
+    with pytest.raises(SolversearchError, match="prediction_type"):
+        UNetDenoiser(tiny_unet, path, prediction_type)
