@@ -82,7 +82,7 @@ class ScheduleEncoding:
             params["t_start"] = _nearest(ts.t_start, schedule.timesteps[0])
         if len(ts.t_end) > 1:
             params["t_end"] = _nearest(ts.t_end, schedule.timesteps[-1])
-        lams = self.ops.noise.lambda_(np.array([t for t in schedule.timesteps if t > 0]))
+        lams = self.ops.lambdas(schedule.timesteps)  # a start at pure noise counts as the path's t_start
         if schedule.ends_at_zero:
             lams = np.append(lams, self.ops.lambda_max)
         gaps = np.diff(lams)
