@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_cmd_evaluate)
     p = commands.add_parser("sample", help="draw samples with a schedule JSON and save them as a PNG grid")
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_sample)
 
     p = commands.add_parser("refine", help="learn a schedule's times (and step factors) against the converged solution")
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
     p.add_argument("--schedule", required=True,
                    help="a schedule JSON file, PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe, or STUDY[:RANK] with --storage")
     p.add_argument("--storage", help="SQLAlchemy URL of the study named by --schedule STUDY[:RANK]")
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
     p.add_argument("--n", type=_positive_int, default=500, help="samples (the same x_T for every schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ScheduleError
 from .noise import NoiseSchedule
-from .plan import MIN_LAMBDA_GAP, LinearUpdate, PlannedStep, SamplingPlan, last_use
+from .plan import MIN_LAMBDA_GAP, LinearUpdate, PlannedStep, SamplingPlan, check_start_at_pure_noise, last_use
 from .schedule import SolverSchedule, Step
 
 Tensor = torch.Tensor
@@ -133,9 +133,14 @@ def plan_from_lambdas(
     if schedule.ends_at_zero:
         alphas = torch.cat([alphas, alphas.new_ones(1)])
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    starts_at_pure_noise = bool(alphas[0].detach() == 0.0)  # a flow path at σ = 1, as in `plan.compile_plan`
+    if starts_at_pure_noise:
+        check_start_at_pure_noise(schedule)
     predicts: list[LinearUpdate] = []
     corrections: list[LinearUpdate | None] = []
     for i, step in enumerate(schedule.steps):
+        if i == 0 and starts_at_pure_noise:
+            step = Step(prediction="data", order=1)  # the limit of either form from α = 0 (see plan.py)
         uses = "x0" if step.prediction == "data" else "eps"
         lam_t = lambdas[i + 1] if i + 1 < finite else None
         points = [[i - b for b in p] for p in step.derivative_points]
@@ -161,6 +166,7 @@ def plan_from_lambdas(
             predict=predicts[i],
             release=tuple(p for p, last in released.items() if last == i),
             skip=step.skip,
+            target="x0" if i == 0 and starts_at_pure_noise else "eps",
         )
         for i, step in enumerate(schedule.steps)
     )

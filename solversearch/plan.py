@@ -157,7 +157,7 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
         )
     starts_at_pure_noise = alphas[0] == 0.0
     if starts_at_pure_noise:
-        _check_start_at_pure_noise(schedule)
+        check_start_at_pure_noise(schedule)
     predict_updates: list[LinearUpdate] = []
     corrections: list[LinearUpdate | None] = []
     for i, step in enumerate(schedule.steps):
@@ -201,7 +201,7 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
     return SamplingPlan(steps=tuple(planned), t_final=float(times[-1]), nfe=schedule.nfe)
 
 
-def _check_start_at_pure_noise(schedule: SolverSchedule) -> None:
+def check_start_at_pure_noise(schedule: SolverSchedule) -> None:
     """At α = 0 (λ = −∞) a point is infinitely far from every other in λ: no derivative can be fitted
     through it, and nothing but the model's x̂₀ there is known."""
     first = schedule.steps[0]

@@ -47,8 +47,9 @@ GLOBAL_FEATURES: int = 4
 
 def encode_schedule(schedule: SolverSchedule, noise: NoiseSchedule, n_units: int | None = None) -> np.ndarray:
     """One float32 row of STEP_FEATURES per step, in sampling order; `n_units` counts skippable blocks."""
-    # A flow grid may start at σ = 1, where λ = −∞; it is encoded as the path's usual start (`t_start`).
-    lambdas = noise.lambda_(np.minimum(np.asarray(schedule.timesteps, dtype=np.float64), noise.t_start))
+    # A start at pure noise (a flow path's σ = 1, λ = −∞) is encoded as the path's t_start: the first-order
+    # data step taken from either lands on almost the same point. Other λ are never below it.
+    lambdas = np.maximum(noise.lambda_(np.asarray(schedule.timesteps, dtype=np.float64)), noise.lambda_(noise.t_start))
     rows = [
         _step_row(i, step, lambdas[i], lambdas[i + 1], schedule, n_units) for i, step in enumerate(schedule.steps)
     ]
@@ -60,7 +61,7 @@ def _step_row(
 ) -> list[float]:
     to_zero = math.isinf(lam_end)  # the step to t = 0, where λ = +inf
     row = [
-        # Where the step starts on the noise scale: every step starts at t > 0, so λ is finite.
+        # Where the step starts on the noise scale: every step starts at t > 0, so λ is finite (see above).
         lam_start / LAMBDA_SCALE,
         # How far it goes: the solvers' truncation error is governed by h = λ_end − λ_start.
         TO_ZERO_STEP if to_zero else (lam_end - lam_start) / STEP_SCALE,

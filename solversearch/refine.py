@@ -148,18 +148,21 @@ class TimeParametrisation:
         else:
             low, high = min(end_range[0], end), max(end_range[1], end)
         self.lam_start = float(lambdas[0])
-        self.lam_low = float(noise.lambda_(high)) if high < times[0] else self.lam_start  # λ of the latest end
+        # The way the steps split starts here: at the start, or, from pure noise (a flow path's σ = 1,
+        # λ = −∞, where the first step is a first-order data step), at the path's t_start.
+        self.lam_origin = max(self.lam_start, float(noise.lambda_(noise.t_start)))
+        self.lam_low = float(noise.lambda_(high)) if high < times[0] else self.lam_origin  # λ of the latest end
         self.lam_high = float(noise.lambda_(low))
         fraction = np.clip((lambdas[-1] - self.lam_low) / (self.lam_high - self.lam_low), EDGE, 1.0 - EDGE)
         self.initial_end_logit = float(np.log(fraction / (1.0 - fraction)))
-        gaps = np.diff(lambdas)
+        gaps = np.diff([self.lam_origin, *lambdas[1:]])
         self.initial_split_logits = np.log(gaps / gaps.sum()) if gaps.size > 1 else np.zeros(1)
 
     def lambdas(self, split_logits: torch.Tensor, end_logit: torch.Tensor) -> torch.Tensor:
         lam_end = self.lam_low + (self.lam_high - self.lam_low) * torch.sigmoid(end_logit)
         shares = torch.cumsum(torch.softmax(split_logits, 0), 0)[:-1]
         start = lam_end.new_tensor([self.lam_start])
-        return torch.cat([start, self.lam_start + (lam_end - self.lam_start) * shares, lam_end.reshape(1)])
+        return torch.cat([start, self.lam_origin + (lam_end - self.lam_origin) * shares, lam_end.reshape(1)])
 
     def times(self, lambdas: torch.Tensor) -> torch.Tensor:
         """Network times: t(λ) differentiably, the start exactly as given, and a final 0 if the schedule has one."""

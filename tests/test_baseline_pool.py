@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from solversearch import DiscreteVP, LinearVP, SolverSchedule
+from solversearch import DiscreteVP, LinearVP, RectifiedFlow, SolverSchedule
 from solversearch.grids import FAMILY_GRIDS, GRIDS
+from solversearch.predictor import encode_schedule
 from solversearch.presets import PRESETS
 from solversearch.search.baseline_pool import BaselinePool, preset_grid_pairs
+from solversearch.search.encoding import ScheduleEncoding
+from solversearch.search.operators import Operators
 from solversearch.search.searchers import Observation, drive
 from solversearch.search.space import load_space
 
@@ -88,3 +91,22 @@ def test_the_pool_is_the_same_whatever_the_completion_order():
                 pool.on_trial_complete(str(trial), score(SolverSchedule.from_dict(pending.pop(str(trial))["schedule"])))
 
     assert keys(0) == keys(1) == keys(2)
+
+
+def test_on_a_flow_path_the_euler_grid_from_pure_noise_has_variants_inside_the_space():
+    """diffusers' flow Euler grid starts at σ = 1 (λ = −∞) and its last positive σ is t_min: its variants
+    start at the space's starts or the path's t_start, with strictly decreasing times and a finite encoding."""
+    flow = RectifiedFlow()
+    space = load_space("search_spaces/usf_flow.yaml")
+    pool = BaselinePool(space, 5, flow, presets=["ddim", "unipc_1_bh1_noise"], grids=["shifted"], variants_of=2)
+    configs = run(pool)
+    schedules = [SolverSchedule.from_dict(c["schedule"]) for c in configs]
+    assert [s.timesteps[0] for s in schedules[:2]] == [1.0, 1.0]  # the presets as diffusers runs them
+    variants = schedules[2:]
+    assert variants and {s.timesteps[0] for s in variants} <= set(space.timesteps.t_start)
+    encoding = ScheduleEncoding(Operators(space, 5, flow))
+    for schedule in schedules:
+        assert all(a > b for a, b in zip(schedule.timesteps, schedule.timesteps[1:]))
+        params, _ = encoding.from_schedule(schedule)
+        assert all(np.isfinite(v) for v in params.values() if isinstance(v, float))
+        assert np.isfinite(encode_schedule(schedule, flow)).all()

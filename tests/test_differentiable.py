@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from solversearch import DiscreteVP, LinearVP, SolverSchedule, Step, presets, solve
+from solversearch import DiscreteVP, LinearVP, RectifiedFlow, SolverSchedule, Step, presets, solve
 from solversearch import differentiable as dp
 from solversearch.grids import logsnr_uniform
 from solversearch.models import GaussianMixtureDenoiser
@@ -155,3 +155,37 @@ def _with_fixed_time(step):
     from dataclasses import replace
 
     return replace(step, t=float(step.t))
+
+
+FLOW = RectifiedFlow(shift=3.0)
+FLOW_SCHEDULES = {  # from σ = 1 (λ = −∞: the first step is the data limit, the model asked for x̂₀) and from t_start
+    "euler/shifted": presets.build("ddim", FLOW, 5, "shifted"),
+    "unipc_1_bh1_noise/shifted": presets.build("unipc_1_bh1_noise", FLOW, 5, "shifted"),
+    "dpmpp_2m/shifted": presets.build("dpmpp_2m", FLOW, 6, "shifted"),
+    "dpmpp_3m/flow_sigmas": presets.build("dpmpp_3m", FLOW, 6, "flow_sigmas"),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOW_SCHEDULES))
+def test_on_a_flow_path_the_differentiable_plan_equals_the_host_plan_from_pure_noise_too(name):
+    schedule = FLOW_SCHEDULES[name]
+    host, torch_plan = compile_plan(schedule, FLOW), dp.differentiable_plan(schedule, FLOW)
+    assert [s.target for s in torch_plan.steps] == [s.target for s in host.steps]
+    assert [[p for p, _ in s.predict.weights] for s in host.steps] == [[p for p, _ in s.predict.weights] for s in torch_plan.steps]
+    np.testing.assert_allclose(_host_numbers(torch_plan), _host_numbers(host), rtol=1e-12, atol=1e-12)
+    model = _mixture(FLOW)
+    x_T = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(execute(torch_plan, model, x_T).sample, solve(model, schedule, x_T, FLOW).sample,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_flow_schedule_from_pure_noise_is_differentiable_in_its_later_log_snr_values():
+    schedule = FLOW_SCHEDULES["dpmpp_2m/shifted"]
+    times = torch.tensor(schedule.timesteps, dtype=torch.float64)
+    finite = f64(FLOW.lambda_(np.array(schedule.timesteps[1:-1])))  # λ_0 = −∞ stays; σ = 0 has none
+
+    def numbers(later):
+        lambdas = torch.cat([later.new_tensor([-np.inf]), later])
+        return _flat(dp.plan_from_lambdas(schedule, lambdas, times, None, FLOW))
+
+    assert torch.autograd.gradcheck(numbers, (finite,))

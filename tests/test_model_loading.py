@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from solversearch import presets, solve
+from solversearch import RectifiedFlow, presets, solve
 from solversearch.errors import SolversearchError
 from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.models import UNetDenoiser
@@ -104,6 +104,24 @@ def test_bundled_digits_model_loads_from_the_package():
     }
     assert handle.denoiser.prediction_type == "epsilon"
     assert load_model("bundled:digits").fingerprint == handle.fingerprint
+
+
+def test_the_bundled_flow_model_loads_from_the_package_as_a_rectified_flow_with_velocity_prediction():
+    handle = load_model("bundled:digits-flow")
+    assert handle.spec == "bundled:digits-flow" and handle.sample_shape == (1, 16, 16)
+    assert handle.default_features == "digits" and handle.reference_data is not None
+    assert handle.noise_schedule == RectifiedFlow(num_train_timesteps=1000, shift=1.0)
+    assert handle.denoiser.prediction_type == "flow_prediction"
+    assert handle.fingerprint != load_model("bundled:digits").fingerprint
+
+
+def test_a_missing_bundled_model_names_its_training_script(monkeypatch, tmp_path):
+    from solversearch.models import spec
+
+    monkeypatch.setitem(spec.BUNDLED, "bundled:digits-flow", (str(tmp_path / "gone"), "experiments/train_digits_flow_model.py"))
+    monkeypatch.setattr(spec.resources, "files", lambda package: tmp_path)
+    with pytest.raises(SolversearchError, match="bundled:digits-flow.*missing.*train_digits_flow_model.py"):
+        load_model("bundled:digits-flow")
 
 
 def test_classifier_free_guidance_combines_conditional_and_unconditional_eps(ddpm_noise):

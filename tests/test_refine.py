@@ -4,19 +4,21 @@ samples everywhere (our sampler, a diffusers loop)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from scipy.optimize import minimize
 
-from solversearch import DiscreteVP, LinearVP, SearchedScheduler, SolverSchedule, Step, presets, solve
+from solversearch import DiscreteVP, LinearVP, RectifiedFlow, SearchedScheduler, SolverSchedule, Step, presets, solve
 from solversearch.errors import SolversearchError
 from solversearch.evaluator import EvaluationSettings, Evaluator, teacher_schedule
 from solversearch.metrics.reference import ArrayCache
 from solversearch.models import GaussianMixtureDenoiser, UNetDenoiser
 from solversearch.models.spec import ModelHandle, load_model
-from solversearch.refine import RefineSettings, refine
+from solversearch.refine import EDGE, RefineSettings, TimeParametrisation, refine
 from solversearch.schedule import load_schedule
 from solversearch.statistics import paired_difference
 
@@ -98,6 +100,43 @@ def test_on_the_exact_mixture_refinement_lowers_the_exact_fid_on_fresh_noise(pre
         after.append(evaluator.evaluate(result.schedule).fid)
     difference = paired_difference(after, before)
     assert difference.high < 0, (before, after)
+
+
+def test_on_a_flow_path_the_time_parametrisation_of_a_grid_from_pure_noise_reproduces_it():
+    """diffusers' flow Euler grid starts at σ = 1 (λ = −∞): the start stays as it is, the split of the way
+    starts at the path's t_start, and the initial parameters give the schedule's own times back (but for
+    the end's offset from its bound)."""
+    flow = RectifiedFlow()
+    schedule = presets.build("ddim", flow, 5, "shifted")
+    shape = TimeParametrisation(schedule, flow, None)
+    split, end = (torch.tensor(v, dtype=torch.float64) for v in (shape.initial_split_logits, shape.initial_end_logit))
+    lambdas = shape.lambdas(split, end)
+    expected = flow.lambda_(np.array(schedule.timesteps[1:-1]))
+    # The end sits on its bound (the usual end), so it starts EDGE of its range inside: λ moves by at most that.
+    tolerance = EDGE * (expected[-1] - flow.lambda_(flow.t_start))
+    assert lambdas[0] == -np.inf and shape.times(lambdas)[0] == 1.0
+    np.testing.assert_allclose(lambdas[1:].numpy(), expected, rtol=0, atol=1.01 * tolerance)
+    assert abs(float(lambdas[-1]) - expected[-1]) > 0.99 * tolerance  # the tolerance is the end's offset, not slack
+
+
+@pytest.mark.slow
+def test_on_a_flow_path_refining_euler_from_pure_noise_keeps_sigma_1_and_lowers_the_exact_fid(tmp_path):
+    """diffusers' flow Euler grid starts at σ = 1 (λ = −∞): the start stays, the steps after it move."""
+    flow = RectifiedFlow()
+    model = GaussianMixtureDenoiser.fit_digits(flow)
+    exact = load_model("gmm:digits").exact_reference  # the mixture's moments do not depend on the path
+    mixture = replace(handle(model, model.sample_shape, "gmm-flow"), exact_reference=exact)
+    schedule = presets.build("ddim", flow, 4, "shifted")
+    result = refine(mixture, schedule, RefineSettings(), cache=ArrayCache(tmp_path))
+    times = result.schedule.timesteps
+    assert result.best_iteration > 0 and times[0] == 1.0 and times[1:] != schedule.timesteps[1:]
+    assert all(np.isfinite(times)) and all(a > b for a, b in zip(times, times[1:]))
+    before, after = [], []
+    for seed in FRESH_SEEDS:
+        evaluator = Evaluator(mixture, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), ArrayCache(tmp_path))
+        before.append(evaluator.evaluate(schedule).fid)
+        after.append(evaluator.evaluate(result.schedule).fid)
+    assert paired_difference(after, before).high < 0, (before, after)
 
 
 def test_a_step_that_overshoots_is_undone_and_retried_with_half_the_learning_rate(mixture, tmp_path):

@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 
-from solversearch import FORMAT, ScheduleError, SolverSchedule, Step, load_schedule
+from solversearch import FORMAT, KarrasVE, RectifiedFlow, ScheduleError, SolverSchedule, Step, load_schedule, presets
+from solversearch.noise import noise_schedule_from_dict
 from solversearch.schedule import json_schema
 
 from .strategies import schedules
@@ -137,6 +138,14 @@ def test_json_round_trip_is_lossless_and_schema_valid(schedule):
     assert again == schedule
     assert again.to_dict() == doc
     assert again.decisions_key() == schedule.decisions_key()
+
+
+@pytest.mark.parametrize("noise", [RectifiedFlow(shift=3.0), RectifiedFlow(use_dynamic_shifting=True, mu=0.8), KarrasVE()],
+                         ids=["flow", "flow-dynamic", "edm"])
+def test_a_schedule_for_a_flow_or_edm_path_round_trips_with_its_noise_schedule(noise, tmp_path):
+    schedule = presets.build("dpmpp_2m", noise, 5, "logsnr").with_metadata(noise_schedule=noise.to_dict())
+    again = load_schedule(schedule.save(tmp_path / "s.json"))
+    assert again == schedule and noise_schedule_from_dict(again.noise_schedule) == noise
 
 
 def test_schedules_are_immutable():

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solversearch import DiscreteVP, LinearVP, presets
-from solversearch.plan import MIN_LAMBDA_GAP
+from solversearch import DiscreteVP, LinearVP, RectifiedFlow, presets
+from solversearch.plan import MIN_LAMBDA_GAP, compile_plan
 from solversearch.search.encoding import ScheduleEncoding
 from solversearch.search.operators import Operators
 from solversearch.search.space import SpaceError, load_space, space_from_dict
@@ -163,3 +163,47 @@ def test_operators_work_on_a_continuous_noise_schedule():
     rng = np.random.default_rng(0)
     for _ in range(30):
         assert_in_space(ops.mutate(ops.random(rng), rng), USF, 6, LinearVP())
+
+
+USF_FLOW = load_space("search_spaces/usf_flow.yaml")
+
+
+@pytest.mark.parametrize("space", [USF, TIMESTEPS], ids=["usf", "timesteps"])
+def test_a_start_at_pure_noise_on_a_flow_path_is_a_space_error_that_says_where_to_start(space):
+    """On a flow path t = 1 is α = 0: λ = −∞, where no time can be placed in λ."""
+    flow = RectifiedFlow()
+    assert flow.lambda_(1.0) == -np.inf
+    with pytest.raises(SpaceError, match=r"t_start: \[1\.0\].*at or below the path's t_start 0\.999"):
+        Operators(space, 5, flow)
+
+
+def test_a_start_at_t_1_is_fine_on_a_vp_path_where_its_lambda_is_finite():
+    assert np.isfinite(NOISE.lambda_(1.0))
+    Operators(USF, 5, NOISE)
+
+
+@pytest.mark.parametrize("path", ["search_spaces/usf_flow.yaml", "search_spaces/timesteps_flow.yaml"])
+def test_the_flow_spaces_start_below_pure_noise_and_their_operators_stay_inside(path):
+    space, flow = load_space(path), RectifiedFlow()
+    assert max(space.timesteps.t_start) == flow.t_start
+    ops, rng = Operators(space, 5, flow), np.random.default_rng(0)
+    for _ in range(30):
+        schedule = ops.mutate(ops.random(rng), rng)
+        assert_in_space(schedule, space, 5, flow)
+        assert_in_space(ops.crossover(schedule, ops.random(rng), rng), space, 5, flow)
+    assert_in_space(ops.project(presets.build("dpmpp_2m", flow, 5, "flow_sigmas")), space, 5, flow)
+
+
+def test_children_of_a_parent_from_pure_noise_start_inside_the_flow_space_and_compile():
+    """FlowMatchEuler's grid starts at σ = 1, where only a first-order step is defined: mutations and
+    crossovers of that baseline (it reaches searches through the baseline pool) start at the space's
+    nearest start instead, so every child is a valid schedule in the space."""
+    space, flow = load_space("search_spaces/usf_flow.yaml"), RectifiedFlow(shift=3.0)
+    ops, rng = Operators(space, 5, flow), np.random.default_rng(0)
+    euler = presets.build("ddim", flow, 5, "shifted")
+    assert euler.timesteps[0] == 1.0
+    for _ in range(50):
+        child = ops.mutate(euler, rng, strength=2)
+        for schedule in (child, ops.crossover(euler, child, rng)):
+            assert_in_space(schedule, space, 5, flow)
+            compile_plan(schedule, flow)

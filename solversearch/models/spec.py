@@ -1,4 +1,4 @@
-"""Model specs (`bundled:digits`, `gmm:digits`, or a local diffusers directory) → a ready-to-evaluate model.
+"""Model specs (`bundled:digits`, `bundled:digits-flow`, `gmm:digits`, or a local diffusers directory) → a model.
 
 A `ModelHandle` carries everything the evaluator needs besides the schedule: the denoiser, the sample
 shape, a fingerprint for provenance and cache keys, the features the proxy metric uses by default and
@@ -20,7 +20,13 @@ from ..noise import DiscreteVP
 from .gmm import GaussianMixtureDenoiser
 
 BUNDLED_DIGITS = "weights/digits_unet"
-KNOWN_SPECS = ("bundled:digits", "gmm:digits", "<path to a diffusers model directory>")
+BUNDLED_DIGITS_FLOW = "weights/digits_flow"
+# spec → (folder in the package, the script that trains it): both UNets are trained on the digits at 16×16.
+BUNDLED = {
+    "bundled:digits": (BUNDLED_DIGITS, "experiments/train_digits_model.py"),
+    "bundled:digits-flow": (BUNDLED_DIGITS_FLOW, "experiments/train_digits_flow_model.py"),
+}
+KNOWN_SPECS = (*BUNDLED, "gmm:digits", "<path to a diffusers model directory>")
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ModelHandle:
     """Build the model a spec names; unknown specs and missing files are user errors."""
     if spec == "gmm:digits":
         return _gmm_digits()
-    if spec == "bundled:digits":
-        directory = Path(str(resources.files("solversearch").joinpath(BUNDLED_DIGITS)))
-        return _bundled_digits(directory, device)
+    if spec in BUNDLED:
+        folder, _ = BUNDLED[spec]
+        return _bundled_digits(spec, Path(str(resources.files("solversearch").joinpath(folder))), device)
     if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
         raise SolversearchError(f"unknown model spec {spec!r}; expected one of {KNOWN_SPECS}")
     return _local_diffusers(Path(spec), device)
@@ -80,18 +86,17 @@ def _gmm_digits() -> ModelHandle:
     )
 
 
-def _bundled_digits(directory: Path, device: str | torch.device) -> ModelHandle:
+def _bundled_digits(spec: str, directory: Path, device: str | torch.device) -> ModelHandle:
     from ..datasets import digits
     from .diffusers_unet import UNetDenoiser
 
     if not (directory / "unet").is_dir():
         raise SolversearchError(
-            f"the bundled digits model is missing ({directory}); run experiments/train_digits_model.py "
-            "or reinstall the package"
+            f"the bundled model {spec!r} is missing ({directory}); run {BUNDLED[spec][1]} or reinstall the package"
         )
     denoiser = UNetDenoiser.from_pretrained(directory).to(device)
     return ModelHandle(
-        spec="bundled:digits",
+        spec=spec,
         denoiser=denoiser,
         sample_shape=denoiser.sample_shape,
         fingerprint=denoiser.fingerprint,

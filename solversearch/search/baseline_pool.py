@@ -109,7 +109,9 @@ class BaselinePool(ScheduleSearcher):
             for _, key in sorted(scored)[: self.variants_of]:
                 _, preset, grid = self.generation_zero[key]
                 own = make_grid(grid, self.ops.noise, nfe)
-                start, end = float(own[0]), float(own[-1])
+                # A grid from pure noise (flow σ = 1, λ = −∞) varies from the path's t_start, where times
+                # can move in λ; on VP and EDM paths no grid starts above it.
+                start, end = min(float(own[0]), self.ops.noise.t_start), float(own[-1])
                 forms = [(t_start, end, "model") for t_start in ts.t_start]
                 forms += [(start, t_end, first) for t_end in ts.t_end for first in space.first_steps]
                 for t_start, t_end, first_step in forms:

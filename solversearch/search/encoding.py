@@ -82,8 +82,7 @@ class ScheduleEncoding:
             params["t_start"] = _nearest(ts.t_start, schedule.timesteps[0])
         if len(ts.t_end) > 1:
             params["t_end"] = _nearest(ts.t_end, schedule.timesteps[-1])
-        noise = self.ops.noise  # a start at pure noise (flow σ = 1, λ = −∞) counts as the path's t_start
-        lams = noise.lambda_(np.minimum([t for t in schedule.timesteps if t > 0], noise.t_start))
+        lams = self.ops.lambdas(schedule.timesteps)  # a start at pure noise counts as the path's t_start
         if schedule.ends_at_zero:
             lams = np.append(lams, self.ops.lambda_max)
         gaps = np.diff(lams)

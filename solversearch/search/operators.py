@@ -22,7 +22,7 @@ from ..noise import NoiseSchedule
 from ..plan import MIN_LAMBDA_GAP
 from ..presets import PRESETS
 from ..schedule import SolverSchedule, Step
-from .space import SearchSpace
+from .space import SearchSpace, SpaceError
 
 LAMBDA_MARGIN = 1e-3  # minimal λ gap the operators keep between neighbouring times (≫ MIN_LAMBDA_GAP)
 COEFFICIENT_DIGITS = 3  # linear scaling coefficients are kept on a 1e-3 lattice, so near-equal ones dedupe
@@ -33,8 +33,13 @@ class Operators:
     """Random / mutate / crossover / repair for one space, NFE budget and noise schedule."""
 
     def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, units: Sequence[str] = ()):
+        check_start_times(space, noise)
         self.space, self.nfe, self.noise = space, nfe, noise
         self.lambda_max = float(noise.lambda_(space.timesteps.t_min))
+        # A time at pure noise (a flow path's t = 1, λ = −∞: diffusers' flow Euler grid starts there) is
+        # read as the path's t_start, the nearest time with a finite λ, so its grid keeps its λ profile.
+        # On VP and EDM paths every λ is at least this: nothing changes.
+        self.lambda_min = float(noise.lambda_(noise.t_start))
         # Prunable network units a step may skip (empty: the space skips nothing).
         allowed = space.skip.units if space.skip and space.skip.units else tuple(units)
         self.units: tuple[str, ...] = tuple(allowed) if space.skip else ()
@@ -111,7 +116,7 @@ class Operators:
         n = a.n_steps
         b_times = self.relay_times(b.timesteps, n, a.timesteps[0], a.timesteps[-1])
         weight = float(rng.uniform(0.0, 1.0))
-        lam_a, lam_b = self._positive_lambdas(a.timesteps), self._positive_lambdas(b_times)
+        lam_a, lam_b = self.lambdas(a.timesteps), self.lambdas(b_times)
         times = self._times_from_lambdas(
             np.append((1 - weight) * lam_a + weight * lam_b, self.lambda_max) if a.ends_at_zero else (1 - weight) * lam_a + weight * lam_b,
             a.timesteps[0],
@@ -162,21 +167,22 @@ class Operators:
     def relay_times(self, times, n_steps: int, t_start: float, t_end: float) -> list[float]:
         """Re-lay a grid's λ profile onto `n_steps` steps from t_start to t_end, keeping its shape:
         the profile (step index fraction → relative λ) is interpolated at the new step count."""
-        lams = self._positive_lambdas(times)
-        if times[-1] == 0.0:
+        lams = self.lambdas(times)
+        # The tail to σ = 0, unless the grid's last positive time is t_min already (flow Euler's last σ is 1/N).
+        if times[-1] == 0.0 and lams[-1] < self.lambda_max:
             lams = np.append(lams, self.lambda_max)
         profile = (lams - lams[0]) / (lams[-1] - lams[0])
         new = np.interp(np.linspace(0, 1, n_steps + 1), np.linspace(0, 1, len(profile)), profile)
-        lam0 = float(self._positive_lambdas([t_start])[0])
+        lam0 = float(self.lambdas([t_start])[0])
         lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
         return self._times_from_lambdas(lam0 + new * (lam_end - lam0), t_start, t_end)
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _positive_lambdas(self, times) -> np.ndarray:
-        """λ of the positive times; a start at pure noise (λ = −∞) counts as the path's `t_start`."""
+    def lambdas(self, times) -> np.ndarray:
+        """λ of the positive times; a time at pure noise counts as the path's t_start (see __init__)."""
         t = np.asarray([x for x in times if x > 0], dtype=np.float64)
-        return self.noise.lambda_(np.minimum(t, self.noise.t_start))
+        return np.maximum(self.noise.lambda_(t), self.lambda_min)
 
     def _times_from_lambdas(self, lams: np.ndarray, t_start: float, t_end: float) -> list[float]:
         """n + 1 λ values → times; with t_end = 0 the last λ (the tail end) is replaced by t = 0."""
@@ -187,7 +193,7 @@ class Operators:
 
     def _separate(self, times: list[float]) -> list[float]:
         """Enforce strictly increasing λ with a margin, moving interior points only (end points fixed)."""
-        lams = self._positive_lambdas(times)
+        lams = self.lambdas(times)
         last = len(lams) - 1 if times[-1] > 0 else len(lams)  # index of the first point that is not free
         upper = lams[-1] if times[-1] > 0 else self.lambda_max
         count = len(lams) - (1 if times[-1] > 0 else 0)  # points from index 0 that must stay below `upper`
@@ -203,7 +209,7 @@ class Operators:
         return out
 
     def _move_time(self, times: list[float], rng: np.random.Generator, local: bool) -> list[float]:
-        lams = self._positive_lambdas(times)
+        lams = self.lambdas(times)
         free_last = len(lams) - 1 if times[-1] > 0 else len(lams)
         if free_last <= 1:
             return times
@@ -306,6 +312,18 @@ class Operators:
             linear_coefficient=coefficient,
             corrector=corrector,
             skip=step.skip,
+        )
+
+
+def check_start_times(space: SearchSpace, noise: NoiseSchedule) -> None:
+    """Every start time must have a finite λ on the model's path: times move in λ, and a flow path's
+    t = 1 (α = 0, pure noise) is λ = −∞."""
+    bad = [t for t in space.timesteps.t_start if not math.isfinite(float(noise.lambda_(t)))]
+    if bad:
+        raise SpaceError(
+            f"timesteps.t_start: {bad} is pure noise on this model's {noise.family} path (log-SNR −∞), where times "
+            f"cannot be searched; start at or below the path's t_start {noise.t_start:g}"
+            + (" (as search_spaces/usf_flow.yaml and timesteps_flow.yaml do)" if noise.family == "flow" else "")
         )
 
 
