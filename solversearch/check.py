@@ -116,9 +116,14 @@ class CheckResult:
 
 
 def compatibility_notes(schedule: SolverSchedule, model: ModelHandle) -> tuple[str, ...]:
-    """Refuse a schedule of another path family (or one whose family is unknown); otherwise say how the
-    schedule's origin differs from this model: other noise parameters, parameterisation or weights."""
+    """Refuse a schedule of another path family (or one whose family is unknown), or one that skips blocks
+    the model lacks; otherwise say how the schedule's origin differs from this model: other noise
+    parameters, parameterisation or weights."""
     own = check_family(schedule, model.noise_schedule)
+    skipped = sorted({unit for step in schedule.steps for unit in step.skip})
+    unknown = [unit for unit in skipped if unit not in getattr(model.denoiser, "units", ())]
+    if unknown:
+        raise SolversearchError(f"the schedule skips network blocks this model does not have: {unknown}")
     notes = []
     if own != model.noise_schedule:
         notes.append(

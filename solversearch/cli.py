@@ -295,8 +295,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         metric=args.metric,
         selection_seed=args.selection_seed,
         validation_seeds=tuple(range(args.validation_seed, args.validation_seed + args.seeds)),
-        presets=choose(args.solvers, list(presets.PRESETS), presets.PRESETS, "solver presets"),
-        grids=choose(args.grids, list(GRIDS), GRIDS, "grids"),
+        presets=tuple(choose(args.solvers, list(presets.PRESETS), presets.PRESETS, "solver presets")),
+        grids=tuple(choose(args.grids, list(GRIDS), GRIDS, "grids")),
     )
     evaluation = EvaluationSettings(n=args.n, batch_size=args.batch_size, device=args.device,
                                     mixed_precision=args.mixed_precision, features=args.features,

@@ -142,6 +142,12 @@ def unet_without_scheduler(folder: Path) -> Path:
     return folder
 
 
+def schedule_skipping_unknown_blocks(path: Path) -> Path:
+    schedule = presets.build("ddim", DiscreteVP.from_diffusers_config({}), NFE, "trailing")
+    steps = tuple(replace(step, skip=("mid_block.attentions.7",)) for step in schedule.steps)
+    return replace(schedule, steps=steps).save(path)
+
+
 def schedule_without_noise(path: Path) -> Path:
     doc = presets.build("ddim", load_model("bundled:digits").noise_schedule, NFE, "trailing").to_dict()
     doc["noise_schedule"] = None
@@ -155,10 +161,11 @@ def schedule_without_noise(path: Path) -> Path:
         (flow_schedule, "bundled:digits", "rectified-flow path"),
         (schedule_without_noise, "bundled:digits", "no noise_schedule metadata"),
         (lambda path: path, "bundled:digits", "cannot read schedule file"),
+        (schedule_skipping_unknown_blocks, "bundled:digits", "skips network blocks this model does not have"),
         (lambda path: presets.build("ddim", DiscreteVP.from_diffusers_config({}), NFE, "trailing").save(path), "no-scheduler",
          "scheduler_config.json"),
     ],
-    ids=["family-mismatch", "no-noise-metadata", "missing-schedule", "model-without-scheduler-config"],
+    ids=["family-mismatch", "no-noise-metadata", "missing-schedule", "unknown-blocks", "model-without-scheduler-config"],
 )
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(make, model, words, tmp_path, capsys):
     schedule = make(tmp_path / "s.json")
