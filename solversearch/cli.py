@@ -14,6 +14,7 @@ from .errors import SearchInterrupted, SolversearchError
 from .outputs import atomic_output, output_file, output_folder, write_text
 
 EXIT_USER_ERROR = 2
+METRIC_LABELS = {"fid": "FID", "kid": "KID", "teacher_distance": "teacher\ndistance", "error_to_reference": "teacher\nRMSE px"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_cmd_evaluate)
+    p = commands.add_parser("check", help="is a schedule searched on another checkpoint still as good as this model's best baseline?")
+    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
+    p.add_argument("--schedule", required=True, help="schedule JSON file, searched on another checkpoint of the same family")
+    p.add_argument("--metric", choices=["teacher_distance", "fid", "kid", "error_to_reference"], default="teacher_distance",
+                   help="the objective the verdict judges (default: teacher_distance)")
+    p.add_argument("--n", type=_positive_int, default=500, help="samples per seed (default 500)")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="validation seeds K (default 5)")
+    p.add_argument("--validation-seed", type=_non_negative_int, default=1, help="the first validation seed (default 1)")
+    p.add_argument("--selection-seed", type=_non_negative_int, default=1000,
+                   help="the seed the best baseline is picked on (default 1000, a search's selection seed)")
+    p.add_argument("--solvers", type=_name_list, help="comma-separated presets the baseline is chosen from (default: all)")
+    p.add_argument("--grids", type=_name_list, help="comma-separated grids (default: all that exist on the model's path)")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--mixed-precision", action="store_true", help="autocast the network on CUDA")
+    p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
+    p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
+    p.add_argument("--reference", help="what FID/KID compare with (as for evaluate)")
+    p.add_argument("--reference-n", type=_positive_int, help="samples of the model's own reference (default: --n)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(run=_cmd_check)
     p = commands.add_parser("sample", help="draw samples with a schedule JSON and save them as a PNG grid")
     p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
     p.add_argument("--schedule", required=True, help="schedule JSON file")
@@ -258,6 +280,88 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import presets
+    from .baselines import choose
+    from .check import CheckSettings, check_schedule, compatibility_notes
+    from .evaluator import EvaluationSettings
+    from .grids import GRIDS
+    from .models.spec import load_model
+    from .schedule import load_schedule
+
+    out = output_file(args.json, "--json", suffixes=(".json",)) if args.json else None
+    settings = CheckSettings(
+        metric=args.metric,
+        selection_seed=args.selection_seed,
+        validation_seeds=tuple(range(args.validation_seed, args.validation_seed + args.seeds)),
+        presets=tuple(choose(args.solvers, list(presets.PRESETS), presets.PRESETS, "solver presets")),
+        grids=tuple(choose(args.grids, list(GRIDS), GRIDS, "grids")),
+    )
+    evaluation = EvaluationSettings(n=args.n, batch_size=args.batch_size, device=args.device,
+                                    mixed_precision=args.mixed_precision, features=args.features,
+                                    inception_path=args.inception, reference=args.reference, reference_n=args.reference_n)
+    schedule = load_schedule(args.schedule)
+    model = load_model(args.model, args.device)
+    compatibility_notes(schedule, model)  # a schedule of another family is refused before the model is prepared
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)  # logs and pipes: keep the table readable
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = progress.add_task(what, total=total)
+            progress.update(tasks[what], completed=done, total=total)
+
+        result = check_schedule(model, schedule, settings, evaluation, on_progress=report)
+    _print_check(console, args, result)
+    if out is not None:
+        write_text(out, json.dumps({"model": args.model, "schedule_file": args.schedule, **result.to_dict()}, indent=2) + "\n")
+        console.print(f"wrote {out}")
+    return 0
+
+
+def _print_check(console, args: argparse.Namespace, result) -> None:
+    from rich.table import Table
+
+    from .check import KEEP
+
+    seeds = result.settings.validation_seeds
+    label = METRIC_LABELS[result.settings.metric].replace("\n", " ")
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    console.print(f"best baseline: {result.baseline.name} ({label} "
+                  f"{_fmt(result.baseline_selection.metrics().get(result.settings.metric))} on selection seed "
+                  f"{result.settings.selection_seed}; the best of {result.candidates} presets × grids at NFE {result.schedule.nfe})",
+                  markup=False, highlight=False)
+    table = Table("metric", "schedule", "best baseline", "floor", "difference (95% CI)", "verdict",
+                  title=f"{result.schedule.name or args.schedule} − best baseline on {args.model}, paired over "
+                        f"validation seeds {seeds[0]}–{seeds[-1]} (n={result.n})",
+                  caption=f"floor: the converged solution · FID/KID against {result.reference}")
+    for metric, difference in result.comparisons.items():
+        table.add_row(METRIC_LABELS[metric].replace("\n", " "), _fmt(difference.mean_a), _fmt(difference.mean_b),
+                      _fmt(result.floor_mean(metric)),
+                      f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
+                      f"{_fmt(difference.high, signed=True)}]", difference.verdict)
+    console.print(table)
+    objective = result.objective
+    interval = f"{_fmt(objective.mean, signed=True)} [{_fmt(objective.low, signed=True)}, {_fmt(objective.high, signed=True)}]"
+    if result.verdict == KEEP:
+        how = "significantly better than" if result.significantly_better else "not significantly different from"
+        line = f"verdict: keep — on {label} the schedule is {how} the best baseline ({interval})"
+    else:
+        line = (f"verdict: re-search (warm-start from it: algorithm.settings.warm_start: {args.schedule}) — on {label} "
+                f"the schedule is significantly worse than the best baseline ({interval})")
+    console.print(line, markup=False, highlight=False)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
@@ -379,7 +483,7 @@ def _print_outcome(console, experiment, outcome) -> None:
     searched = outcome.evaluations - outcome.baseline_evaluations
     heading = (f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines, "
                f"{searched} searched; {outcome.new_evaluations} new)")
-    names = {"fid": "FID", "kid": "KID", "teacher_distance": "teacher\ndistance", "error_to_reference": "teacher\nRMSE px"}
+    names = METRIC_LABELS
     validated = bool(report.validation_seeds)
     seeds = report.validation_seeds
     caption = (f"search: seed {experiment.metric.seed}, n={experiment.metric.n}"
@@ -557,6 +661,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 

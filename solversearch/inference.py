@@ -20,7 +20,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .errors import ScheduleError, SolversearchError
+from .errors import NoiseScheduleError, ScheduleError, SolversearchError
 from .noise import (
     DiscreteVP,
     KarrasVE,
@@ -375,6 +375,36 @@ def check_noise_schedule(schedule: SolverSchedule, noise: NoiseSchedule) -> None
         f"the schedule was searched on the noise schedule {dict(schedule.noise_schedule)}, "
         f"but this model uses {noise.to_dict()}"
     )
+
+
+FAMILY_NAMES = {"vp": "variance-preserving", "flow": "rectified-flow", "edm": "EDM (Karras VE)"}
+
+
+def schedule_noise(schedule: SolverSchedule, what: str = "the schedule") -> NoiseSchedule:
+    """The noise path a schedule was made on, from its `noise_schedule` metadata. Without it, which
+    path the schedule's times belong to cannot be checked: that is an error."""
+    if schedule.noise_schedule is None:
+        raise ScheduleError(
+            f"{what} has no noise_schedule metadata, so the path it was made for cannot be checked; use a "
+            "schedule written by solversearch (search, export, refine, presets --out)"
+        )
+    try:
+        return noise_schedule_from_dict(schedule.noise_schedule)
+    except NoiseScheduleError as exc:
+        raise NoiseScheduleError(f"{what}: noise_schedule: {exc}") from None
+
+
+def check_family(schedule: SolverSchedule, noise: NoiseSchedule, what: str = "the schedule") -> NoiseSchedule:
+    """Refuse a schedule made for another family of paths (vp, flow, edm) than `noise`'s: its times
+    name other noise levels there. Returns the schedule's own path (same family, maybe other parameters)."""
+    own = schedule_noise(schedule, what)
+    if own.family != noise.family:
+        raise ScheduleError(
+            f"{what} was made for a {FAMILY_NAMES[own.family]} path ({own.to_dict()['kind']}), but the model's "
+            f"path is {FAMILY_NAMES[noise.family]} ({noise.to_dict()['kind']}); a schedule carries over only "
+            "between checkpoints of one family"
+        )
+    return own
 
 
 def check_compatibility(schedule: SolverSchedule, model: Any, strict: bool = False) -> None:

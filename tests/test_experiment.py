@@ -90,3 +90,36 @@ def test_command_line_overrides():
     assert experiment.storage_url == "sqlite:///x.db" and experiment.study_name == "gmm_digits-nfe7"
     with pytest.raises(ExperimentError, match="budget"):
         load_experiment(REPO / "experiments" / "gmm_digits.yaml").override(budget=0)
+
+
+def warm_started(tmp_path, warm_start):
+    """An experiment file in its own folder that warm-starts the bundled model's S³ search."""
+    doc = {**base_doc(), "model": "bundled:digits", "space": str(REPO / "search_spaces" / "usf.yaml"),
+           "algorithm": {"name": "s3", "settings": {"warm_start": warm_start}}}
+    folder = tmp_path / "experiments"
+    folder.mkdir(exist_ok=True)
+    (folder / "warm.yaml").write_text(yaml.safe_dump(doc))
+    return folder / "warm.yaml"
+
+
+def test_a_warm_start_path_is_resolved_against_the_experiment_folder(tmp_path):
+    experiment = load_experiment(warm_started(tmp_path, "elsewhere.json"))
+    assert experiment.algorithm_settings["warm_start"] == str((tmp_path / "experiments" / "elsewhere.json").resolve())
+    experiment = load_experiment(warm_started(tmp_path, ["a.json", "../b.json"]))
+    assert experiment.algorithm_settings["warm_start"] == [str((tmp_path / "experiments" / "a.json").resolve()),
+                                                           str((tmp_path / "b.json").resolve())]
+
+
+@pytest.mark.parametrize("content, words", [(None, "cannot read schedule file"), ("{", "not valid JSON")])
+def test_a_search_with_a_bad_warm_start_fails_before_any_study_exists(content, words, tmp_path, capsys, monkeypatch):
+    from solversearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "experiments" / "elsewhere.json").parent.mkdir()
+        (tmp_path / "experiments" / "elsewhere.json").write_text(content)
+    experiment = warm_started(tmp_path, "elsewhere.json")
+    assert main(["search", str(experiment), "--storage", "sqlite:///s.db", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "warm_start" in err and words in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments"]  # no database, no study, no output

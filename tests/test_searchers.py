@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
-from solversearch import DiscreteVP, SolverSchedule
+from solversearch import DiscreteVP, RectifiedFlow, SolverSchedule
 from solversearch.search.searchers import ALGORITHMS, REFINING, Observation, drive, make_searcher
 from solversearch.search.space import load_space
 
@@ -241,3 +242,77 @@ def test_the_baseline_pool_is_learnt_from_but_is_neither_re_proposed_nor_a_gener
     for concurrency, order_seed in CONCURRENCY_AND_ORDER[::2]:
         got = drive_concurrently(determinism_searcher(algorithm, history=pool), synthetic_metric, budget, concurrency, order_seed)
         assert got == reference, (concurrency, order_seed)
+
+
+# --- warm start: a schedule searched on another checkpoint joins stage 0 beside the presets ---
+
+
+def warm_start_file(path, nfe=5, noise=NOISE, name="searched-elsewhere"):
+    """A schedule as a search on another checkpoint exports it: the synthetic metric's target grid with
+    third-order multistep steps, carrying that checkpoint's fingerprint, metrics and provenance."""
+    from solversearch.presets import PRESETS
+
+    times = [float(t) for t in NOISE.t_of_lambda(TARGET)]
+    if nfe != 5:
+        times = [float(t) for t in np.linspace(1.0, 1e-3, nfe + 1)]
+    schedule = PRESETS["dpmpp_3m"].build(times).with_metadata(
+        name=name, noise_schedule=noise.to_dict(), model_fingerprint="0123456789abcdef",
+        metrics={"fid": 0.5}, provenance={"study": "elsewhere-nfe5"},
+    )
+    return schedule.save(path)
+
+
+@pytest.mark.parametrize("algorithm", ["s3", "evolution", "s3_refine"])
+def test_a_warm_start_schedule_is_evaluated_first_in_stage_zero_beside_the_presets(algorithm, tmp_path):
+    path = warm_start_file(tmp_path / "elsewhere.json")
+    settings = {**DETERMINISM["evolution"][0], "stage0_mutants": 0}
+    plain = make_searcher(algorithm, USF, 5, NOISE, settings=settings, seed=11)
+    warm = make_searcher(algorithm, USF, 5, NOISE, settings={**settings, "warm_start": str(path)}, seed=11)
+    configs = []
+    drive(warm, synthetic_metric, len(plain.queue) + 1, on_result=lambda config, result: configs.append(config))
+    first = configs[0]
+    assert first["key"] == warm.ops.key(SolverSchedule.from_dict(first["schedule"])) and first["stage"] == 0
+    assert first["schedule"]["name"] == "warm_start/searched-elsewhere"
+    assert first["schedule"]["timesteps"] == json.loads(path.read_text())["timesteps"]
+    # what it measured on its own checkpoint is left behind; where it came from is kept
+    assert first["schedule"]["metrics"] == {} and first["schedule"]["model_fingerprint"] is None
+    assert first["schedule"]["provenance"] == {"warm_start": str(path), "searched_on": "0123456789abcdef"}
+    assert {c["key"] for c in configs[1:]} == {p.key for p in plain.queue}  # beside the presets, not instead
+    assert all(c["stage"] == 0 for c in configs)
+
+
+def test_a_warm_started_search_stopped_in_stage_zero_resumes_to_the_same_study(tmp_path):
+    path = warm_start_file(tmp_path / "elsewhere.json")
+    settings, budget = {**DETERMINISM["evolution"][0], "warm_start": str(path)}, DETERMINISM["evolution"][1]
+
+    def warm(**kwargs):
+        return make_searcher("evolution", USF, 5, NOISE, settings=settings, seed=11, **kwargs)
+
+    uninterrupted = drive_concurrently(warm(), synthetic_metric, budget, 2, 0)
+    first = warm()
+    drive_concurrently(first, synthetic_metric, 3, 2, 1)
+    continued = drive_concurrently(warm(history=list(first.observations)), synthetic_metric, budget - 3, 2, 2)
+    assert sorted(triples(first.observations) + continued) == uninterrupted
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda path: path, "warm_start: cannot read schedule file"),
+        (lambda path: path.write_text('{"format": "solversearch.schedule/v1", "nfe": 5') and path, "not valid JSON"),
+        (lambda path: warm_start_file(path, nfe=4), "has NFE 4, the search NFE 5"),
+        (lambda path: warm_start_file(path, noise=RectifiedFlow()), "rectified-flow path"),
+        (lambda path: path.write_text(json.dumps({**json.loads(warm_start_file(path).read_text()), "noise_schedule": None}))
+         and path, "no noise_schedule metadata"),
+    ],
+    ids=["missing", "malformed", "other-nfe", "other-family", "no-noise-metadata"],
+)
+def test_a_bad_warm_start_is_refused_when_the_searcher_is_built(make, words, tmp_path):
+    from solversearch.errors import SolversearchError
+
+    path = make(tmp_path / "warm.json")
+    for algorithm in ("s3", "evolution"):
+        with pytest.raises(SolversearchError, match=words):
+            make_searcher(algorithm, USF, 5, NOISE, settings={"warm_start": str(path)})
+    with pytest.raises(SolversearchError, match="a schedule JSON file or a list of them"):
+        make_searcher("s3", USF, 5, NOISE, settings={"warm_start": 5})

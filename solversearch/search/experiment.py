@@ -226,7 +226,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         metric=metric,
         algorithm=algorithm,
         algorithm_seed=_seed(algorithm_doc.get("seed", 0), "algorithm.seed"),
-        algorithm_settings=dict(_mapping(algorithm_doc.get("settings") or {}, "algorithm.settings")),
+        algorithm_settings=_algorithm_settings(algorithm_doc.get("settings") or {}, base),
         objectives=objectives,
         budget=budget,
         resources=resources,
@@ -261,6 +261,18 @@ def _check_seeds(experiment: Experiment) -> Experiment:
                 raise ExperimentError(f"algorithm.settings.refine.{name}: {refine.get(name)} is a search, selection or validation "
                                       "seed; refinement must learn on noise no evaluation uses")
     return experiment
+
+
+def _algorithm_settings(value: Any, base: Path) -> dict[str, Any]:
+    """The algorithm's own settings (its searcher checks them); a warm-start schedule path is resolved
+    against the experiment's folder, like every other path in it."""
+    settings = dict(_mapping(value, "algorithm.settings"))
+    warm_start = settings.get("warm_start")
+    if isinstance(warm_start, str):
+        settings["warm_start"] = str((base / Path(warm_start).expanduser()).resolve())
+    elif isinstance(warm_start, (list, tuple)) and all(isinstance(p, str) for p in warm_start):
+        settings["warm_start"] = [str((base / Path(p).expanduser()).resolve()) for p in warm_start]
+    return settings
 
 
 def _baselines(value: Any) -> dict[str, Any]:

@@ -11,8 +11,9 @@ differences, its 95 % confidence interval and a verdict, for every metric — no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from ..errors import SolversearchError
 from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
@@ -25,6 +26,7 @@ from .storage import StoredEvaluation, open_existing, storage_url
 # Every view of quality the report shows side by side, whatever the search optimised.
 REPORT_METRICS = ("fid", "kid", "teacher_distance", "error_to_reference")
 SEARCHED, BEST_BASELINE = "searched", "best baseline"
+T = TypeVar("T")
 
 # (what, done, total): progress of the selection and validation evaluations
 Progress = Callable[[str, int, int], None]
@@ -147,7 +149,7 @@ def final_report(
             scored.append((select(evaluation), evaluation))
             done += 1
             progress("selection", done, total)
-        selection, winner = min(scored, key=lambda pair: (pair[0].metrics().get(metric, math.inf), pair[1].key))
+        selection, winner = selected(scored, metric, lambda evaluation: evaluation.key)
         chosen.append((label, winner, selection))
 
     seeds = experiment.validation_seeds
@@ -165,10 +167,36 @@ def final_report(
                     n=experiment.metric.n * experiment.validation_factor, reference=select.evaluator.reference().description)
     searched_row, baseline_row = report.row(SEARCHED), report.row(BEST_BASELINE)
     if searched_row is not None and baseline_row is not None:
-        comparisons = {m: paired_difference(searched_row.values(m), baseline_row.values(m)) for m in REPORT_METRICS
-                       if all(math.isfinite(v) or math.isinf(v) for v in searched_row.values(m) + baseline_row.values(m))}
-        report = replace(report, comparisons=comparisons)
+        report = replace(report, comparisons=paired_comparisons(searched_row.validation, baseline_row.validation))
     return report
+
+
+def selected(
+    scored: Iterable[tuple[EvaluationResult, T]], metric: str, tie: Callable[[T], str]
+) -> tuple[EvaluationResult, T]:
+    """The candidate with the lowest `metric` on the selection seed: (its result, the candidate). A
+    diverged (infinite) or unmeasured value counts as infinite; equal values go to the lowest `tie(candidate)`."""
+
+    def order(pair: tuple[EvaluationResult, T]) -> tuple[float, str]:
+        value = pair[0].metrics().get(metric, math.inf)
+        return (math.inf if math.isnan(value) else value), tie(pair[1])
+
+    return min(scored, key=order)
+
+
+def paired_comparisons(
+    a: Sequence[EvaluationResult], b: Sequence[EvaluationResult], metrics: Sequence[str] = REPORT_METRICS
+) -> dict[str, PairedDifference]:
+    """A − B per metric over the same seeds (a[i] and b[i] from the same x_T), for every metric both
+    sides measured (an infinite, diverged value counts; a missing or NaN one, e.g. KID without
+    reference features, leaves the metric out)."""
+    comparisons = {}
+    for metric in metrics:
+        a_values = [r.metrics().get(metric, math.nan) for r in a]
+        b_values = [r.metrics().get(metric, math.nan) for r in b]
+        if a_values and not any(math.isnan(v) for v in a_values + b_values):
+            comparisons[metric] = paired_difference(a_values, b_values)
+    return comparisons
 
 
 class _Scored:

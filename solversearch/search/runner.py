@@ -208,6 +208,7 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
     started = time.perf_counter()
     notify = on_update or (lambda update: None)
     model = load_model(experiment.model)
+    build_searcher(experiment, model, [])  # the algorithm and its settings (a warm start's file) fail before any work
     settings = evaluation_settings(experiment)
     prepared = Evaluator(model, settings).prepare(
         lambda what, done, total: notify({"phase": "prepare", "what": what, "done": done, "total": total})
@@ -215,7 +216,6 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
     if "kid" in objectives(experiment) and prepared.reference.features is None:
         raise SolversearchError(f"KID needs reference features, but the reference is {prepared.reference.description}: "
                                 "optimise fid or teacher_distance, or give metric.reference as images")
-    build_searcher(experiment, model, [])  # the algorithm and its settings, checked before any study exists
     store = open_store(experiment, model)  # after the checks above: a refused run leaves no study behind
     try:
         try:

@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,28 +237,68 @@ class RandomSearcher(ScheduleSearcher):
 
 
 class _Stage0Mixin:
-    """Stage 0 of s3 and evolution: the preset baselines at this NFE, then mutations of the best ones."""
+    """Stage 0 of s3 and evolution: the warm-start schedules and the preset baselines at this NFE, then
+    mutations of the best ones."""
 
-    def _stage0_queue(self, presets: Sequence[str], grids: Sequence[str]) -> tuple[list[Proposal], set[str]]:
-        """Proposals for the presets not yet evaluated, and the keys of all stage-0 presets."""
+    def _stage0_queue(
+        self, presets: Sequence[str], grids: Sequence[str], warm_start: Sequence[SolverSchedule] = ()
+    ) -> tuple[list[Proposal], set[str]]:
+        """Proposals for the stage-0 schedules not yet evaluated (the warm starts first), and the keys of
+        all of them."""
         noise, nfe = self.ops.noise, self.ops.nfe
+        schedules = list(warm_start)
+        schedules += [build(name, noise, nfe, grid) for grid in grids if grid_applies(grid, noise) for name in presets]
         queue, keys = [], set()
-        for grid in grids:
-            if not grid_applies(grid, noise):
-                continue
-            for name in presets:
-                schedule = build(name, noise, nfe, grid)
-                key = self.ops.key(schedule)
-                if key not in keys and key not in self.known:
-                    queue.append(Proposal(schedule, key, 0))
-                keys.add(key)
+        for schedule in schedules:
+            key = self.ops.key(schedule)
+            if key not in keys and key not in self.known:
+                queue.append(Proposal(schedule, key, 0))
+            keys.add(key)
         return queue, keys
+
+
+def load_warm_start(paths: str | Sequence[str] | None, nfe: int, noise: NoiseSchedule) -> tuple[SolverSchedule, ...]:
+    """The schedules of `algorithm.settings.warm_start` (a schedule JSON file or a list of them), which join
+    stage 0 beside the presets. Each must parse, be made for the search's family of noise paths and have
+    its NFE; its metrics and provenance belong to the checkpoint it was searched on and are left behind."""
+    from ..inference import check_family
+    from ..schedule import load_schedule
+
+    if paths is None:
+        return ()
+    listed = [paths] if isinstance(paths, str) else paths
+    if not isinstance(listed, (list, tuple)) or not listed or not all(isinstance(p, str) for p in listed):
+        raise SolversearchError(f"warm_start: expected a schedule JSON file or a list of them, got {paths!r}")
+    schedules = []
+    for path in listed:
+        try:
+            schedule = load_schedule(path)
+        except SolversearchError as exc:
+            raise SolversearchError(f"warm_start: {exc}") from None
+        check_family(schedule, noise, f"warm_start {path}")
+        if schedule.nfe != nfe:
+            raise SolversearchError(
+                f"warm_start {path}: the schedule has NFE {schedule.nfe}, the search NFE {nfe}; warm-start from "
+                f"a schedule of NFE {nfe} (or search at --nfe {schedule.nfe})"
+            )
+        name = schedule.name or Path(path).stem
+        schedules.append(
+            schedule.with_metadata(
+                name=f"warm_start/{name}",
+                noise_schedule=noise.to_dict(),
+                metrics={},
+                provenance={"warm_start": str(path), "searched_on": schedule.model_fingerprint},
+                model_fingerprint=None,
+            )
+        )
+    return tuple(schedules)
 
 
 class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
     """Evolution with the s3 operators but no predictor (the ablation): every child is truly evaluated.
 
-    Generation 0 is stage 0: the presets, then `stage0_mutants` mutations of the best results. Each later
+    Generation 0 is stage 0: the warm-start schedules (`warm_start`: schedule files, e.g. the winner of a
+    search on another checkpoint) and the presets, then `stage0_mutants` mutations of the best results. Each later
     generation (stage) of `k` children comes from tournament-selected parents among all results of the
     earlier generations, by mutation (probability 1 − crossover) or crossover. A generation is planned
     whole once every trial of the previous one has finished.
@@ -277,6 +318,7 @@ class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
         stage0_mutants: int = 8,
         crossover: float = 0.3,
         tournament: int = 3,
+        warm_start: str | Sequence[str] | None = None,
         **kwargs: Any,
     ):
         super().__init__(space, nfe, noise, **kwargs)
@@ -286,7 +328,9 @@ class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
         unknown = [p for p in stage0_presets if p not in PRESETS]
         if unknown:
             raise SolversearchError(f"stage0_presets: unknown presets {unknown}")
-        self.queue, self.preset_keys = self._stage0_queue(stage0_presets, grids)
+        # Warm starts are stage-0 schedules like the presets: the mutants are bred from the best of them all.
+        self.warm_start = load_warm_start(warm_start, nfe, noise)
+        self.queue, self.preset_keys = self._stage0_queue(stage0_presets, grids, self.warm_start)
         # Resuming: the presets already evaluated are skipped, and the search re-plans its last stage
         # (from the results of the stages before it, so identically) and skips what was evaluated.
         last = max((o.stage for o in self.observations if self._own(o)), default=0)
