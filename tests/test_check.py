@@ -118,8 +118,23 @@ def bundled_best(tmp_path):
 
 def test_check_keeps_a_schedule_obtained_for_the_bundled_model_and_writes_the_numbers(bundled_best, tmp_path, capsys):
     out = tmp_path / "check.json"
-    argv = ["check", "--model", "bundled:digits", "--schedule", str(bundled_best), "--n", "16", "--seeds", "2",
-            "--solvers", ",".join(SOLVERS), "--grids", "time_uniform", "--json", str(out)]
+    argv = [
+        "check",
+        "--model",
+        "bundled:digits",
+        "--schedule",
+        str(bundled_best),
+        "--n",
+        "16",
+        "--seeds",
+        "2",
+        "--solvers",
+        ",".join(SOLVERS),
+        "--grids",
+        "time_uniform",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "verdict: keep" in printed and "teacher distance" in printed and "FID" in printed and "KID" in printed
@@ -162,10 +177,19 @@ def schedule_without_noise(path: Path) -> Path:
         (schedule_without_noise, "bundled:digits", "no noise_schedule metadata"),
         (lambda path: path, "bundled:digits", "cannot read schedule file"),
         (schedule_skipping_unknown_blocks, "bundled:digits", "skips network blocks this model does not have"),
-        (lambda path: presets.build("ddim", DiscreteVP.from_diffusers_config({}), NFE, "trailing").save(path), "no-scheduler",
-         "scheduler_config.json"),
+        (
+            lambda path: presets.build("ddim", DiscreteVP.from_diffusers_config({}), NFE, "trailing").save(path),
+            "no-scheduler",
+            "scheduler_config.json",
+        ),
     ],
-    ids=["family-mismatch", "no-noise-metadata", "missing-schedule", "unknown-blocks", "model-without-scheduler-config"],
+    ids=[
+        "family-mismatch",
+        "no-noise-metadata",
+        "missing-schedule",
+        "unknown-blocks",
+        "model-without-scheduler-config",
+    ],
 )
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(make, model, words, tmp_path, capsys):
     schedule = make(tmp_path / "s.json")
