@@ -8,8 +8,8 @@ from .noise import (
     NoiseSchedule,
     RectifiedFlow,
     VariancePreserving,
-    noise_schedule_from_diffusers_config,
     noise_schedule_from_dict,
+    noise_schedule_from_diffusers_config,
 )
 from .sampler import Solution, solve
 from .schedule import FORMAT, SolverSchedule, Step, load_schedule
@@ -47,8 +47,8 @@ __all__ = [
     "Step",
     "VariancePreserving",
     "load_schedule",
-    "noise_schedule_from_diffusers_config",
     "noise_schedule_from_dict",
+    "noise_schedule_from_diffusers_config",
     "sample",
     "solve",
 ]
