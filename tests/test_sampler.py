@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from solversearch import DiscreteVP, LinearVP, SolverSchedule, Step, presets, solve
-from solversearch.grids import GRIDS
+from solversearch import DiscreteVP, KarrasVE, LinearVP, RectifiedFlow, SolverSchedule, Step, presets, solve
+from solversearch.grids import GRIDS, grid_applies
 from solversearch.models import alpha_sigma
 from solversearch.plan import compile_plan, phi
 
@@ -28,15 +28,17 @@ class PointMass(torch.nn.Module):
         self.path_alpha_sigma = noise.torch_alpha_sigma()
         self.calls = 0
 
-    def forward(self, x, t):
+    def forward(self, x, t, target="eps"):
         self.calls += 1
+        if target == "x0":  # asked only where α = 0 (a flow grid at σ = 1)
+            return MU.expand_as(x)
         alpha, sigma = alpha_sigma(self.path_alpha_sigma, t, x.ndim)
         return (x - alpha * MU) / sigma
 
 
 def exact_point_mass(noise, x_T, t_start, t_end):
     """x_t = α_t μ + (σ_t/σ_s)(x_s − α_s μ)."""
-    a_s, s_s, a_t, s_t = noise.alpha(t_start), noise.sigma(t_start), noise.alpha(t_end), noise.sigma(t_end)
+    a_s, s_s, a_t, s_t = (float(v) for v in (noise.alpha(t_start), noise.sigma(t_start), noise.alpha(t_end), noise.sigma(t_end)))
     return a_t * MU + (s_t / s_s) * (x_T - a_s * MU)
 
 
@@ -47,12 +49,13 @@ def relative_error(a, b):
 X_T = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("noise", [DiscreteVP.from_diffusers_config({}), LinearVP()], ids=repr)
+@pytest.mark.parametrize(
+    "noise", [DiscreteVP.from_diffusers_config({}), LinearVP(), RectifiedFlow(shift=3.0), KarrasVE()], ids=repr
+)
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))
 def test_every_preset_on_every_grid_is_exact_on_a_point_mass(noise, preset):
-    for grid in GRIDS:
-        if grid in ("linspace", "leading", "trailing") and not isinstance(noise, DiscreteVP):
-            continue
+    """Every path, every grid that exists on it (FlowMatchEuler's from σ = 1 included)."""
+    for grid in [g for g in GRIDS if grid_applies(g, noise)]:
         for nfe in (3, 7, 12):
             schedule = presets.build(preset, noise, nfe, grid)
             out = solve(PointMass(noise), schedule, X_T).sample
