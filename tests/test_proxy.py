@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from solversearch import SolverSchedule, Step, presets
-from solversearch.baselines import DEFAULT_GRIDS, DEFAULT_SOLVERS
+from solversearch.baselines import DEFAULT_GRIDS, DEFAULT_SOLVERS, applicable_grids
 from solversearch.datasets import digits
 from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.metrics.distances import GaussianStats, frechet_distance
@@ -51,7 +51,7 @@ def views(tmp_path_factory) -> dict[str, dict[str, float]]:
 
     out = {}
     for nfe in (4, 5, 6):
-        for grid in DEFAULT_GRIDS:
+        for grid in applicable_grids(DEFAULT_GRIDS, model.noise_schedule):
             for solver in DEFAULT_SOLVERS:
                 schedule = presets.build(solver, model.noise_schedule, nfe, grid)
                 out[schedule.name] = score(schedule)
