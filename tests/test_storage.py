@@ -9,7 +9,9 @@ import json
 import math
 import shutil
 import subprocess
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import optuna
@@ -342,6 +344,45 @@ def test_opening_and_recording_do_not_log_and_keep_the_verbosity(tmp_path, encod
     finally:
         optuna.logging.set_verbosity(previous)
     assert "A new study created" not in capfd.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database(request, tmp_path):
+    """The URL of a database without Optuna's tables: a new SQLite file, or a new PostgreSQL database
+    (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    reason = _postgres_reachable()
+    if reason:
+        pytest.skip(reason)
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()
+
+
+def test_workers_opening_a_fresh_database_at_once_all_get_the_same_study(fresh_database):
+    """Six workers open a database without tables at the same instant: one creates Optuna's tables, the
+    others wait for them instead of failing with "table already exists" (how the first CI run of the
+    kill-and-resume test failed), and all see one study."""
+    start = threading.Barrier(6)
+
+    def open_and_count() -> int:
+        start.wait()
+        store = StudyStore(fresh_database, "raced")
+        return len(store.history())
+
+    with ThreadPoolExecutor(6) as pool:
+        counts = list(pool.map(lambda _: open_and_count(), range(6)))
+    assert counts == [0] * 6
+    assert [s["name"] for s in list_studies(fresh_database)] == ["raced"]
 
 
 # --- errors and URLs -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..schedule import SolverSchedule
 DEFAULT_STORAGE = "sqlite:///solversearch.db"
 STORAGE_ENV = "SOLVERSEARCH_STORAGE"
 CHECKED_DESCRIPTION_KEYS = ("model_fingerprint", "metric", "nfe", "space")
+SCHEMA_RACE_ATTEMPTS = 8
 EXPORT_KINDS = ("timesteps", "sigmas")
 EXPORT_FORMATS = ("solversearch", "diffusers", "comfyui")
 LIST_NOTE = (
@@ -291,7 +293,27 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             engine_kwargs["connect_args"] = {"timeout": 30}  # parallel trial writers wait instead of failing
         elif backend == "postgresql":
             engine_kwargs["pool_pre_ping"] = True  # long searches outlive idle server-side connections
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _create_tables_once(url, engine_kwargs)
+
+
+def _create_tables_once(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """RDBStorage creates Optuna's tables on first use; when several processes open a fresh database
+    at once (a search and a `show` beside it, or the workers of a cluster), all but one lose the race
+    with "table ... already exists" or a duplicate alembic version. The winner's tables are then
+    complete after a moment, so the losers open the database again instead of failing."""
+    for attempt in range(1, SCHEMA_RACE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
+            if not _lost_schema_race(exc):
+                raise
+            time.sleep(0.05 * attempt)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _lost_schema_race(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    message = str(exc.orig).lower()
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in message
 
 
 def open_existing(url: str, study_name: str) -> StudyStore:
