@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
     model = load_model(args.model, args.device)
     noise = model.noise_schedule
     cache = ArrayCache()
@@ -39,15 +41,21 @@ def main() -> None:
 
     print("\nthroughput (sampling + proxy FID, n = 1000)")
     for nfe in (5, 10):
-        evaluator = Evaluator(model, EvaluationSettings(n=1000, batch_size=args.batch_size, device=args.device, error_to_reference=False), cache)
+        evaluator = Evaluator(
+            model,
+            EvaluationSettings(n=1000, batch_size=args.batch_size, device=args.device, error_to_reference=False),
+            cache,
+        )
         evaluator.reference()
         schedule = presets.build("dpmpp_2m", noise, nfe, "logsnr")
         evaluator.evaluate(schedule)  # warm-up
         start = time.perf_counter()
         result = evaluator.evaluate(schedule)
         total = time.perf_counter() - start
-        print(f"  NFE {nfe:2d}: {result.samples_per_second:8.0f} samples/s sampling, "
-              f"{1000 / total:8.0f} samples/s with scoring ({total:.2f} s per evaluation)")
+        print(
+            f"  NFE {nfe:2d}: {result.samples_per_second:8.0f} samples/s sampling, "
+            f"{1000 / total:8.0f} samples/s with scoring ({total:.2f} s per evaluation)"
+        )
 
     print(f"\nproxy-FID noise over {args.seeds} seeds (NFE 5, logSNR grid)")
     print(f"  {'n':>5} {'DDIM mean':>10} {'DPM++2M mean':>13} {'gap':>8} {'std DDIM':>9} {'std 2M':>8} {'gap/std':>8}")
@@ -56,13 +64,22 @@ def main() -> None:
     for n in (int(v) for v in args.ns.split(",")):
         a, b = [], []
         for seed in range(args.seeds):
-            evaluator = Evaluator(model, EvaluationSettings(n=n, seed=seed, batch_size=args.batch_size, device=args.device, error_to_reference=False), cache)
+            evaluator = Evaluator(
+                model,
+                EvaluationSettings(
+                    n=n, seed=seed, batch_size=args.batch_size, device=args.device, error_to_reference=False
+                ),
+                cache,
+            )
             a.append(evaluator.evaluate(ddim).fid)
             b.append(evaluator.evaluate(dpm).fid)
         gap = statistics.mean(a) - statistics.mean(b)
         std = max(statistics.stdev(a), statistics.stdev(b))
-        print(f"  {n:>5} {statistics.mean(a):>10.3f} {statistics.mean(b):>13.3f} {gap:>8.3f} "
-              f"{statistics.stdev(a):>9.3f} {statistics.stdev(b):>8.3f} {gap / std:>8.1f}", flush=True)
+        print(
+            f"  {n:>5} {statistics.mean(a):>10.3f} {statistics.mean(b):>13.3f} {gap:>8.3f} "
+            f"{statistics.stdev(a):>9.3f} {statistics.stdev(b):>8.3f} {gap / std:>8.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

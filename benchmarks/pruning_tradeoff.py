@@ -39,8 +39,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="4,5,6", help="MAC budgets as unpruned NFEs")
     parser.add_argument("--evaluations", type=int, default=40, help="true evaluations per search")
     parser.add_argument("--n", type=int, default=500, help="samples per search evaluation")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="teacher_distance",
-                        help="what the searches minimise and the winners are picked by")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="teacher_distance",
+        help="what the searches minimise and the winners are picked by",
+    )
     parser.add_argument("--fresh-seeds", type=int, default=3, help="fresh seeds the winners are re-scored on")
     parser.add_argument("--fresh-factor", type=int, default=2, help="fresh n = factor × n")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -69,8 +73,12 @@ def main() -> None:
         key = schedule.decisions_key()
         if key not in cache:
             result = evaluator.evaluate(schedule)
-            cache[key] = {**{m: getattr(result, m) for m in OBJECTIVES}, "diverged": result.diverged,
-                          "macs": result.macs, "schedule": schedule}
+            cache[key] = {
+                **{m: getattr(result, m) for m in OBJECTIVES},
+                "diverged": result.diverged,
+                "macs": result.macs,
+                "schedule": schedule,
+            }
         return cache[key]
 
     def fresh(schedule) -> list[dict[str, float]]:
@@ -79,16 +87,23 @@ def main() -> None:
             fresh_cache[key] = [validator.evaluate(schedule).metrics() for validator in validators]
         return fresh_cache[key]
 
-    print(f"bundled:digits, full forward {costs.full / 1e6:.1f} MMACs/sample, {len(costs.units)} prunable units; "
-          f"objective {objective}; search seed {SEARCH_SEED} (n={args.n}, {args.evaluations} evaluations per search, "
-          f"{len(BASELINES) * len(GRIDS)} baselines); winners picked on it, then scored on fresh seeds "
-          f"{', '.join(map(str, fresh_seeds))} (n={n_fresh})", flush=True)
+    print(
+        f"bundled:digits, full forward {costs.full / 1e6:.1f} MMACs/sample, {len(costs.units)} prunable units; "
+        f"objective {objective}; search seed {SEARCH_SEED} (n={args.n}, {args.evaluations} evaluations per search, "
+        f"{len(BASELINES) * len(GRIDS)} baselines); winners picked on it, then scored on fresh seeds "
+        f"{', '.join(map(str, fresh_seeds))} (n={n_fresh})",
+        flush=True,
+    )
     started = time.perf_counter()
     floor = [validator.floor().metrics() for validator in validators]
-    print(f"floor (teacher, {evaluator.settings.reference_steps} steps) on the fresh seeds: teacher distance "
-          f"{_mean(floor, 'teacher_distance'):.4f}, FID {_mean(floor, 'fid'):.3f} ({time.perf_counter() - started:.0f} s)")
-    print(f"{'budget':<22}{'line':<21}{'in-sample ' + SHORT[objective]:>24}{'fresh: teacher dist.':>22}{'FID':>8}"
-          f"{'MMACs':>8}{'ms/sample':>11}   fresh: Δ {objective} vs best baseline [95% CI]")
+    print(
+        f"floor (teacher, {evaluator.settings.reference_steps} steps) on the fresh seeds: teacher distance "
+        f"{_mean(floor, 'teacher_distance'):.4f}, FID {_mean(floor, 'fid'):.3f} ({time.perf_counter() - started:.0f} s)"
+    )
+    print(
+        f"{'budget':<22}{'line':<21}{'in-sample ' + SHORT[objective]:>24}{'fresh: teacher dist.':>22}{'FID':>8}"
+        f"{'MMACs':>8}{'ms/sample':>11}   fresh: Δ {objective} vs best baseline [95% CI]"
+    )
     points: dict[str, list[tuple[float, float, float, float]]] = {line: [] for line in LINES}
     for nfe in (int(b) for b in args.budgets.split(",")):
         started = time.perf_counter()
@@ -100,11 +115,24 @@ def main() -> None:
                     winners["baselines"] = r
         for line, space, algorithm, settings in (
             ("timesteps", timesteps_space, "evolution", {"k": 8, "stage0_presets": ["dpmpp_2m"], "stage0_mutants": 6}),
-            ("timesteps + pruning", pruning_space, "autodiffusion",
-             {"population": 12, "elites": 4, "mutants": 6, "crossovers": 3, "generations": [2, 4]}),
+            (
+                "timesteps + pruning",
+                pruning_space,
+                "autodiffusion",
+                {"population": 12, "elites": 4, "mutants": 6, "crossovers": 3, "generations": [2, 4]},
+            ),
         ):
-            searcher = make_searcher(algorithm, space, nfe, noise, settings=settings, seed=SEARCH_SEED,
-                                     units=denoiser.units, costs=costs, metric=objective)
+            searcher = make_searcher(
+                algorithm,
+                space,
+                nfe,
+                noise,
+                settings=settings,
+                seed=SEARCH_SEED,
+                units=denoiser.units,
+                costs=costs,
+                metric=objective,
+            )
             results: list[dict] = []
             drive(searcher, score, args.evaluations, on_result=lambda c, r, results=results: results.append(r))
             winners[line] = min(results, key=lambda r: _value(r, objective))
@@ -120,8 +148,11 @@ def main() -> None:
                 d = paired_difference([s[objective] for s in scores], [s[objective] for s in baseline_fresh])
                 delta = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] {d.verdict}"
             budget = f"NFE-{nfe} ({nfe * costs.full / 1e6:.1f} MMACs)"
-            print(f"{budget:<22}{line:<21}{_value(winner, objective):>24.4f}{td:>22.4f}{fid:>8.3f}"
-                  f"{winner['macs'] / 1e6:>8.1f}{ms:>11.3f}   {delta}", flush=True)
+            print(
+                f"{budget:<22}{line:<21}{_value(winner, objective):>24.4f}{td:>22.4f}{fid:>8.3f}"
+                f"{winner['macs'] / 1e6:>8.1f}{ms:>11.3f}   {delta}",
+                flush=True,
+            )
         print(f"  ({time.perf_counter() - started:.0f} s)")
 
     import matplotlib
@@ -143,8 +174,11 @@ def main() -> None:
     for ax in axes.flat:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.suptitle(f"bundled:digits — winners picked on seed {SEARCH_SEED} by {objective}, scored on fresh seeds "
-                 f"{', '.join(map(str, fresh_seeds))} (n={n_fresh}, mean)", fontsize=10)
+    fig.suptitle(
+        f"bundled:digits — winners picked on seed {SEARCH_SEED} by {objective}, scored on fresh seeds "
+        f"{', '.join(map(str, fresh_seeds))} (n={n_fresh}, mean)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
     print(f"wrote {args.png}")

@@ -28,13 +28,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--concurrency", default="1,2")
     parser.add_argument("--gpu", type=float, default=0.0, help="GPU fraction per trial (0: CPU trials)")
-    parser.add_argument("--experiment", default=str(REPO / "experiments" / "gmm_digits.yaml"),
-                        help="whose model and metric the trials use (random search is forced)")
+    parser.add_argument(
+        "--experiment",
+        default=str(REPO / "experiments" / "gmm_digits.yaml"),
+        help="whose model and metric the trials use (random search is forced)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     base = load_experiment(Path(args.experiment))
-    print(f"{'concurrent':>10} {'trials':>7} {'wall s':>8} {'trials/min':>11} {'eval s/trial':>13} {'overhead s/trial':>17}  devices")
+    print(
+        f"{'concurrent':>10} {'trials':>7} {'wall s':>8} {'trials/min':>11} {'eval s/trial':>13} {'overhead s/trial':>17}  devices"
+    )
     for concurrent in (int(c) for c in args.concurrency.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{Path(tmp) / 'bench.db'}"
@@ -50,8 +55,11 @@ def main() -> None:
             evaluation = sum(e.cost.get("seconds", 0.0) for e in history) / len(history)
             per_trial = wall * concurrent / len(history)
             devices = sorted({e.worker.get("device", "?") for e in history})
-            print(f"{concurrent:>10} {len(history):>7} {wall:>8.1f} {60 * len(history) / wall:>11.1f} "
-                  f"{evaluation:>13.2f} {per_trial - evaluation:>17.2f}  {', '.join(devices)}", flush=True)
+            print(
+                f"{concurrent:>10} {len(history):>7} {wall:>8.1f} {60 * len(history) / wall:>11.1f} "
+                f"{evaluation:>13.2f} {per_trial - evaluation:>17.2f}  {', '.join(devices)}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -44,33 +44,42 @@ def main() -> None:
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=args.size,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ).eval().to(device)
+    unet = (
+        UNet2DModel(
+            sample_size=args.size,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+        .eval()
+        .to(device)
+    )
     noise = DiscreteVP.from_diffusers_config({})
     denoiser = UNetDenoiser(unet, noise)
     x_T = torch.randn(args.batch, 3, args.size, args.size, device=device)
     n_params = sum(p.numel() for p in unet.parameters())
-    print(f"UNet2DModel {n_params / 1e6:.2f}M parameters, batch {args.batch}, {args.size}×{args.size}, "
-          f"float32, " + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"))
-    print(f"{'NFE':>4} {'ours ms':>9} {'diffusers ms':>13} {'forwards ms':>12} {'ours/diffusers':>15} {'ours/forwards':>14}")
+    print(
+        f"UNet2DModel {n_params / 1e6:.2f}M parameters, batch {args.batch}, {args.size}×{args.size}, "
+        f"float32, "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}")
+    )
+    print(
+        f"{'NFE':>4} {'ours ms':>9} {'diffusers ms':>13} {'forwards ms':>12} {'ours/diffusers':>15} {'ours/forwards':>14}"
+    )
 
     for nfe in (5, 10):
         schedule = presets.dpmpp_2m(diffusers_grid(noise, nfe, "trailing"))
         scheduler = DPMSolverMultistepScheduler(timestep_spacing="trailing")
 
         @torch.no_grad()
-        def ours():
+        def ours(schedule=schedule):
             solve(denoiser, schedule, x_T)
 
         @torch.no_grad()
-        def theirs():
+        def theirs(scheduler=scheduler, nfe=nfe):
             scheduler.set_timesteps(nfe)
             x = x_T
             for t in scheduler.timesteps:
@@ -79,7 +88,7 @@ def main() -> None:
         timesteps = torch.full((args.batch,), 500.0, device=device)
 
         @torch.no_grad()
-        def forwards():
+        def forwards(nfe=nfe, timesteps=timesteps):
             for _ in range(nfe):
                 unet(x_T, timesteps)
 
@@ -90,8 +99,10 @@ def main() -> None:
             samples["theirs"].append(median_seconds(theirs, args.repeats // 3, synchronize))
             samples["forwards"].append(median_seconds(forwards, args.repeats // 3, synchronize))
         t_ours, t_theirs, t_fwd = (min(samples[k]) for k in ("ours", "theirs", "forwards"))
-        print(f"{nfe:>4} {t_ours * 1e3:>9.1f} {t_theirs * 1e3:>13.1f} {t_fwd * 1e3:>12.1f} "
-              f"{t_ours / t_theirs:>15.3f} {t_ours / t_fwd:>14.3f}")
+        print(
+            f"{nfe:>4} {t_ours * 1e3:>9.1f} {t_theirs * 1e3:>13.1f} {t_fwd * 1e3:>12.1f} "
+            f"{t_ours / t_theirs:>15.3f} {t_ours / t_fwd:>14.3f}"
+        )
 
 
 if __name__ == "__main__":

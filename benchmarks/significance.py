@@ -35,8 +35,11 @@ def main() -> None:
     parser.add_argument("--experiment", default=str(REPO / "experiments" / "digits.yaml"))
     parser.add_argument("--nfe", default="4,5,6")
     parser.add_argument("--storage", default="sqlite:///significance.db", help="a fresh database: studies resume")
-    parser.add_argument("--study", default="significance-{name}-nfe{nfe}",
-                        help="study name template; '{name}-nfe{nfe}' with the main job's storage reuses its studies")
+    parser.add_argument(
+        "--study",
+        default="significance-{name}-nfe{nfe}",
+        help="study name template; '{name}-nfe{nfe}' with the main job's storage reuses its studies",
+    )
     parser.add_argument("--budget", type=int, help="override the experiment's search budget")
     parser.add_argument("--out", default=".", help="folder for the winners' schedule files")
     parser.add_argument("--json", help="also write every figure to this JSON file")
@@ -45,35 +48,48 @@ def main() -> None:
     base = load_experiment(args.experiment)
     summary = {}
     for nfe in (int(x) for x in args.nfe.split(",")):
-        experiment = base.override(nfe=nfe, budget=args.budget, storage_url=args.storage,
-                                   study=args.study.format(name=base.name, nfe=nfe))
+        experiment = base.override(
+            nfe=nfe, budget=args.budget, storage_url=args.storage, study=args.study.format(name=base.name, nfe=nfe)
+        )
         started = time.perf_counter()
         outcome = run_search(experiment, export_dir=Path(args.out))
         report = outcome.report
         searched, baseline = report.row(SEARCHED), report.row(BEST_BASELINE)
-        print(f"\nNFE {nfe}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines), "
-              f"{time.perf_counter() - started:.0f} s; validation seeds {list(report.validation_seeds)}, n={report.n}; "
-              f"FID/KID against {report.reference}")
+        print(
+            f"\nNFE {nfe}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines), "
+            f"{time.perf_counter() - started:.0f} s; validation seeds {list(report.validation_seeds)}, n={report.n}; "
+            f"FID/KID against {report.reference}"
+        )
         print(f"  searched:      {searched.stored.schedule.name if searched else '–'}")
         print(f"  best baseline: {baseline.stored.schedule.name if baseline else '–'}")
-        print(f"  {'metric':<20}{'searched':>11}{'baseline':>11}{'floor':>11}   {'difference [95% CI]':<34}"
-              f"{'verdict':<27}{'excess left':>11}")
+        print(
+            f"  {'metric':<20}{'searched':>11}{'baseline':>11}{'floor':>11}   {'difference [95% CI]':<34}"
+            f"{'verdict':<27}{'excess left':>11}"
+        )
         figures = {}
         for metric in SHOWN:
             difference = report.comparisons.get(metric)
             if difference is None:
                 continue
             excess = report.excess_left(metric)
-            print(f"  {metric:<20}{difference.mean_a:>11.4g}{difference.mean_b:>11.4g}{report.floor_mean(metric):>11.4g}   "
-                  f"{f'{difference.mean:+.4g} [{difference.low:+.4g}, {difference.high:+.4g}]':<34}"
-                  f"{difference.verdict:<27}{excess:>11.2f}")
+            print(
+                f"  {metric:<20}{difference.mean_a:>11.4g}{difference.mean_b:>11.4g}{report.floor_mean(metric):>11.4g}   "
+                f"{f'{difference.mean:+.4g} [{difference.low:+.4g}, {difference.high:+.4g}]':<34}"
+                f"{difference.verdict:<27}{excess:>11.2f}"
+            )
             figures[metric] = {**difference.to_dict(), "floor": report.floor_mean(metric), "excess_left": excess}
         met = all(figures.get(m, {}).get("verdict") == "better" for m in GOAL_METRICS) and all(
-            figures[m]["excess_left"] <= 0.5 for m in GOAL_METRICS if math.isfinite(figures[m]["excess_left"]))
+            figures[m]["excess_left"] <= 0.5 for m in GOAL_METRICS if math.isfinite(figures[m]["excess_left"])
+        )
         print(f"  goal (better on {', '.join(GOAL_METRICS)} with excess left ≤ 0.5): {'met' if met else 'not met'}")
-        summary[nfe] = {"searched": searched.stored.schedule.to_dict() if searched else None,
-                        "baseline": baseline.stored.schedule.name if baseline else None, "metrics": figures,
-                        "goal_met": met, "evaluations": outcome.evaluations, "seconds": time.perf_counter() - started}
+        summary[nfe] = {
+            "searched": searched.stored.schedule.to_dict() if searched else None,
+            "baseline": baseline.stored.schedule.name if baseline else None,
+            "metrics": figures,
+            "goal_met": met,
+            "evaluations": outcome.evaluations,
+            "seconds": time.perf_counter() - started,
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 

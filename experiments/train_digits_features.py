@@ -98,8 +98,11 @@ def main() -> None:
             held_out = evaluate(net, images[test], labels[test], seed=12345)
             net.train()
             summary = "  ".join(f"{k} {v:.3f}" for k, v in held_out.items())
-            print(f"step {step:5d}  {time.time() - started:6.0f} s  class {classification.item():.3f}  "
-                  f"regression {regression.item():.4f}  {summary}", flush=True)
+            print(
+                f"step {step:5d}  {time.time() - started:6.0f} s  class {classification.item():.3f}  "
+                f"regression {regression.item():.4f}  {summary}",
+                flush=True,
+            )
     net.eval()
     held_out = evaluate(net, images[test], labels[test], seed=12345)
     record = {

@@ -26,17 +26,17 @@ from solversearch.datasets import digits
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "solversearch" / "weights" / "digits_unet"
 
-UNET_CONFIG = dict(
-    sample_size=16,
-    in_channels=1,
-    out_channels=1,
-    layers_per_block=1,
-    block_out_channels=(16, 32, 64),
-    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32, 64),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
 
 def ema_decay(step: int, max_decay: float) -> float:
@@ -66,7 +66,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = 200
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)),
     )
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -107,18 +108,21 @@ def main() -> None:
         step += 1
         if step % 100 == 0:
             recent = sum(losses[-100:]) / 100
-            print(f"step {step:6d}  loss {recent:.4f}  lr {schedule.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s", flush=True)
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            state = dict(
-                unet=unet.state_dict(),
-                ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(),
-                schedule=schedule.state_dict(),
-                step=step,
-                elapsed=time.time() - started,
-                losses=losses,
-                rng=torch.get_rng_state(),
+            print(
+                f"step {step:6d}  loss {recent:.4f}  lr {schedule.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s",
+                flush=True,
             )
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            state = {
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "step": step,
+                "elapsed": time.time() - started,
+                "losses": losses,
+                "rng": torch.get_rng_state(),
+            }
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
 
@@ -132,7 +136,9 @@ def main() -> None:
         "ema": args.ema,
         "final_loss_last_500": sum(losses[-500:]) / min(500, len(losses)),
         "training_seconds": round(time.time() - started, 1),
-        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "hardware": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in ema.parameters()),
         "torch": torch.__version__,
     }

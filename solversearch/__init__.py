@@ -32,6 +32,7 @@ def __getattr__(name: str):
         return SearchedScheduler
     raise AttributeError(f"module 'solversearch' has no attribute {name!r}")
 
+
 __all__ = [
     "FORMAT",
     "DiscreteVP",

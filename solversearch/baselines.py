@@ -22,7 +22,16 @@ from .grids import grid_applies
 from .noise import NoiseSchedule
 from .outputs import atomic_output, write_text
 
-DEFAULT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_heun", "dpmpp_3m", "unipc_2_bh1", "unipc_2_bh2", "unipc_3_bh2", "deis_3")
+DEFAULT_SOLVERS = (
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_heun",
+    "dpmpp_3m",
+    "unipc_2_bh1",
+    "unipc_2_bh2",
+    "unipc_3_bh2",
+    "deis_3",
+)
 DEFAULT_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing", "shifted", "flow_sigmas", "edm")
 
 
@@ -76,8 +85,16 @@ def run_baselines(
             for solver in solvers:
                 result = evaluator.evaluate(presets.build(solver, noise, nfe, grid))
                 row = BaselineRow(
-                    solver, grid, nfe, result.fid, result.kid, result.kid_std, result.error_to_reference,
-                    result.diverged, result.seconds, result.teacher_distance,
+                    solver,
+                    grid,
+                    nfe,
+                    result.fid,
+                    result.kid,
+                    result.kid_std,
+                    result.error_to_reference,
+                    result.diverged,
+                    result.seconds,
+                    result.teacher_distance,
                 )
                 rows.append(row)
                 if on_row is not None:
@@ -111,7 +128,9 @@ def write_report(rows: list[BaselineRow], evaluator: Evaluator, out: Path, sampl
     fig, ax = plt.subplots(figsize=(7, 4.5))
     per_solver = best_by(rows, lambda r: (r.solver, r.nfe))
     for solver in dict.fromkeys(r.solver for r in rows):
-        points = sorted((nfe, row.fid) for (s, nfe), row in per_solver.items() if s == solver and math.isfinite(row.fid))
+        points = sorted(
+            (nfe, row.fid) for (s, nfe), row in per_solver.items() if s == solver and math.isfinite(row.fid)
+        )
         if points:
             ax.plot(*zip(*points), marker="o", label=solver)
     ax.set_xlabel("NFE")
@@ -155,7 +174,9 @@ def save_sample_grid(rows: list[torch.Tensor], labels: list[str], path: Path, ce
         for j in range(images.shape[0]):
             pixels = ((images[j].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             mode = "L" if pixels.shape[-1] == 1 else "RGB"
-            tile = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).resize((cell, cell), Image.NEAREST)
+            tile = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).resize(
+                (cell, cell), Image.NEAREST
+            )
             canvas.paste(tile.convert("RGB"), (pad + j * (cell + pad), top + label_height))
     with atomic_output(path) as tmp:
         canvas.save(tmp)

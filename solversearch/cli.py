@@ -14,7 +14,12 @@ from .errors import SearchInterrupted, SolversearchError
 from .outputs import atomic_output, output_file, output_folder, write_text
 
 EXIT_USER_ERROR = 2
-METRIC_LABELS = {"fid": "FID", "kid": "KID", "teacher_distance": "teacher\ndistance", "error_to_reference": "teacher\nRMSE px"}
+METRIC_LABELS = {
+    "fid": "FID",
+    "kid": "KID",
+    "teacher_distance": "teacher\ndistance",
+    "error_to_reference": "teacher\nRMSE px",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("baselines", help="rank every solver preset × grid on a model at the given NFEs")
     _model_options(p)
     p.add_argument("--nfe", type=_int_list, default=[4, 5, 6, 8, 10], help="comma-separated, e.g. 4,5,6,8,10")
-    p.add_argument("--solvers", type=_name_list, help="comma-separated presets, or 'all' (default: a representative set)")
+    p.add_argument(
+        "--solvers", type=_name_list, help="comma-separated presets, or 'all' (default: a representative set)"
+    )
     p.add_argument("--grids", type=_name_list, help="comma-separated grids, or 'all' (default: a representative set)")
     p.add_argument("--out", default="baselines", help="directory for baselines.json and the PNGs")
     p.add_argument("--top", type=_positive_int, default=10, help="rows shown per NFE")
@@ -60,29 +67,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_cmd_evaluate)
-    p = commands.add_parser("check", help="is a schedule searched on another checkpoint still as good as this model's best baseline?")
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory")
-    p.add_argument("--schedule", required=True, help="schedule JSON file, searched on another checkpoint of the same family")
-    p.add_argument("--metric", choices=["teacher_distance", "fid", "kid", "error_to_reference"], default="teacher_distance",
-                   help="the objective the verdict judges (default: teacher_distance)")
+    p = commands.add_parser(
+        "check", help="is a schedule searched on another checkpoint still as good as this model's best baseline?"
+    )
+    p.add_argument(
+        "--model", default="bundled:digits", help="bundled:digits, gmm:digits or a diffusers model directory"
+    )
+    p.add_argument(
+        "--schedule", required=True, help="schedule JSON file, searched on another checkpoint of the same family"
+    )
+    p.add_argument(
+        "--metric",
+        choices=["teacher_distance", "fid", "kid", "error_to_reference"],
+        default="teacher_distance",
+        help="the objective the verdict judges (default: teacher_distance)",
+    )
     p.add_argument("--n", type=_positive_int, default=500, help="samples per seed (default 500)")
     p.add_argument("--seeds", type=_positive_int, default=5, help="validation seeds K (default 5)")
     p.add_argument("--validation-seed", type=_non_negative_int, default=1, help="the first validation seed (default 1)")
-    p.add_argument("--selection-seed", type=_non_negative_int, default=1000,
-                   help="the seed the best baseline is picked on (default 1000, a search's selection seed)")
-    p.add_argument("--solvers", type=_name_list, help="comma-separated presets the baseline is chosen from (default: all)")
-    p.add_argument("--grids", type=_name_list, help="comma-separated grids (default: all that exist on the model's path)")
+    p.add_argument(
+        "--selection-seed",
+        type=_non_negative_int,
+        default=1000,
+        help="the seed the best baseline is picked on (default 1000, a search's selection seed)",
+    )
+    p.add_argument(
+        "--solvers", type=_name_list, help="comma-separated presets the baseline is chosen from (default: all)"
+    )
+    p.add_argument(
+        "--grids", type=_name_list, help="comma-separated grids (default: all that exist on the model's path)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--mixed-precision", action="store_true", help="autocast the network on CUDA")
-    p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
+    p.add_argument(
+        "--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)"
+    )
     p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
     p.add_argument("--reference", help="what FID/KID compare with (as for evaluate)")
     p.add_argument("--reference-n", type=_positive_int, help="samples of the model's own reference (default: --n)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(run=_cmd_check)
     p = commands.add_parser("sample", help="draw samples with a schedule JSON and save them as a PNG grid")
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
+    p.add_argument(
+        "--model",
+        default="bundled:digits",
+        help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory",
+    )
     p.add_argument("--schedule", required=True, help="schedule JSON file")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -93,9 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_sample)
 
     p = commands.add_parser("refine", help="learn a schedule's times (and step factors) against the converged solution")
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
-    p.add_argument("--schedule", required=True,
-                   help="a schedule JSON file, PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe, or STUDY[:RANK] with --storage")
+    p.add_argument(
+        "--model",
+        default="bundled:digits",
+        help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory",
+    )
+    p.add_argument(
+        "--schedule",
+        required=True,
+        help="a schedule JSON file, PRESET[/GRID] (e.g. dpmpp_2m/logsnr) with --nfe, or STUDY[:RANK] with --storage",
+    )
     p.add_argument("--storage", help="SQLAlchemy URL of the study named by --schedule STUDY[:RANK]")
     p.add_argument("--nfe", type=_positive_int, default=5, help="NFE of a preset schedule (default 5)")
     p.add_argument("--out", required=True, help="the refined schedule JSON")
@@ -103,9 +141,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-n", type=_positive_int, default=64, help="held-out samples for early stopping")
     p.add_argument("--iterations", type=_positive_int, default=60)
     p.add_argument("--learning-rate", type=float, default=0.1)
-    p.add_argument("--patience", type=_positive_int, default=8, help="stop after this many steps in a row without a held-out gain (each is undone and the learning rate halved)")
+    p.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=8,
+        help="stop after this many steps in a row without a held-out gain (each is undone and the learning rate halved)",
+    )
     p.add_argument("--no-factors", action="store_true", help="learn the times only, not the first-derivative factors")
-    p.add_argument("--features", choices=["identity", "digits"], help="feature space of the loss (default: the model's)")
+    p.add_argument(
+        "--features", choices=["identity", "digits"], help="feature space of the loss (default: the model's)"
+    )
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.set_defaults(run=_cmd_refine)
 
@@ -134,32 +179,51 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a stored schedule as JSON")
     p.add_argument("study")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--rank", type=_positive_int,
-                   help="the K-th best on the search seed (default: the search's winner, picked on the selection seed; "
-                        "rank 1 if the study has no validation)")
-    p.add_argument("--format", choices=["solversearch", "diffusers", "comfyui"], default="solversearch",
-                   help="solversearch: the whole schedule; diffusers: its times for a diffusers scheduler; comfyui: "
-                        "a custom-sigmas list (with the final 0)")
-    p.add_argument("--diffusers-kind", choices=["timesteps", "sigmas"],
-                   help="with --format diffusers: integer timesteps (VP models, the default there) or sigmas in the "
-                        "units of the model's scheduler (the default, and the only kind, for flow and EDM models)")
+    p.add_argument(
+        "--rank",
+        type=_positive_int,
+        help="the K-th best on the search seed (default: the search's winner, picked on the selection seed; "
+        "rank 1 if the study has no validation)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["solversearch", "diffusers", "comfyui"],
+        default="solversearch",
+        help="solversearch: the whole schedule; diffusers: its times for a diffusers scheduler; comfyui: "
+        "a custom-sigmas list (with the final 0)",
+    )
+    p.add_argument(
+        "--diffusers-kind",
+        choices=["timesteps", "sigmas"],
+        help="with --format diffusers: integer timesteps (VP models, the default there) or sigmas in the "
+        "units of the model's scheduler (the default, and the only kind, for flow and EDM models)",
+    )
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
     p.set_defaults(run=_cmd_export)
     return parser
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bundled:digits", help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory")
+    p.add_argument(
+        "--model",
+        default="bundled:digits",
+        help="bundled:digits, bundled:digits-flow, gmm:digits or a diffusers model directory",
+    )
     p.add_argument("--n", type=_positive_int, default=500, help="samples (the same x_T for every schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--mixed-precision", action="store_true", help="autocast the network on CUDA")
-    p.add_argument("--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)")
+    p.add_argument(
+        "--features", choices=["identity", "digits", "inception"], help="proxy-FID features (default: the model's)"
+    )
     p.add_argument("--inception", help="local TorchScript Inception file for --features inception")
     p.add_argument("--no-error-to-reference", action="store_true", help="skip the high-accuracy reference solution")
-    p.add_argument("--reference", help="what FID/KID compare with: 'data', 'model', an image folder, an .npz of images, "
-                   "or pytorch-fid / clean-fid statistics (.npz with mu, sigma); default: the model's data, else 'model'")
+    p.add_argument(
+        "--reference",
+        help="what FID/KID compare with: 'data', 'model', an image folder, an .npz of images, "
+        "or pytorch-fid / clean-fid statistics (.npz with mu, sigma); default: the model's data, else 'model'",
+    )
     p.add_argument("--reference-n", type=_positive_int, help="samples of the model's own reference (default: --n)")
 
 
@@ -239,12 +303,27 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
 
         rows = run_baselines(evaluator, args.nfe, solvers, grids, on_row=advance)
     for nfe in args.nfe:
-        table = Table("rank", "solver", "grid", "FID", "KID×1e3", "teacher distance", "teacher RMSE px",
-                      title=f"NFE {nfe} — {args.model}, n={args.n}")
+        table = Table(
+            "rank",
+            "solver",
+            "grid",
+            "FID",
+            "KID×1e3",
+            "teacher distance",
+            "teacher RMSE px",
+            title=f"NFE {nfe} — {args.model}, n={args.n}",
+        )
         ranked = sorted((r for r in rows if r.nfe == nfe), key=lambda r: r.fid)
         for rank, row in enumerate(ranked[: args.top], start=1):
-            table.add_row(str(rank), row.solver, row.grid, _fmt(row.fid), _fmt(row.kid * 1e3, digits=3),
-                          _fmt(row.teacher_distance), _fmt(row.error_to_reference))
+            table.add_row(
+                str(rank),
+                row.solver,
+                row.grid,
+                _fmt(row.fid),
+                _fmt(row.kid * 1e3, digits=3),
+                _fmt(row.teacher_distance),
+                _fmt(row.error_to_reference),
+            )
         console.print(table)
     for path in write_report(rows, evaluator, Path(args.out)):
         console.print(f"wrote {path}")
@@ -272,7 +351,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"schedule": schedule.name, "model": args.model, **result.to_dict()}, indent=2))
         return 0
-    table = Table("metric", "value", title=f"{schedule.name or args.schedule} on {args.model} (n={args.n}, seed={args.seed})")
+    table = Table(
+        "metric", "value", title=f"{schedule.name or args.schedule} on {args.model} (n={args.n}, seed={args.seed})"
+    )
     for name, value in result.to_dict().items():
         if name != "extra":
             table.add_row(name, "inf (diverged)" if value is None and result.diverged else str(value))
@@ -302,9 +383,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
         presets=tuple(choose(args.solvers, list(presets.PRESETS), presets.PRESETS, "solver presets")),
         grids=tuple(choose(args.grids, list(GRIDS), GRIDS, "grids")),
     )
-    evaluation = EvaluationSettings(n=args.n, batch_size=args.batch_size, device=args.device,
-                                    mixed_precision=args.mixed_precision, features=args.features,
-                                    inception_path=args.inception, reference=args.reference, reference_n=args.reference_n)
+    evaluation = EvaluationSettings(
+        n=args.n,
+        batch_size=args.batch_size,
+        device=args.device,
+        mixed_precision=args.mixed_precision,
+        features=args.features,
+        inception_path=args.inception,
+        reference=args.reference,
+        reference_n=args.reference_n,
+    )
     schedule = load_schedule(args.schedule)
     model = load_model(args.model, args.device)
     compatibility_notes(schedule, model)  # a schedule of another family is refused before the model is prepared
@@ -323,7 +411,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         result = check_schedule(model, schedule, settings, evaluation, on_progress=report)
     _print_check(console, args, result)
     if out is not None:
-        write_text(out, json.dumps({"model": args.model, "schedule_file": args.schedule, **result.to_dict()}, indent=2) + "\n")
+        write_text(
+            out, json.dumps({"model": args.model, "schedule_file": args.schedule, **result.to_dict()}, indent=2) + "\n"
+        )
         console.print(f"wrote {out}")
     return 0
 
@@ -337,28 +427,47 @@ def _print_check(console, args: argparse.Namespace, result) -> None:
     label = METRIC_LABELS[result.settings.metric].replace("\n", " ")
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
-    console.print(f"best baseline: {result.baseline.name} ({label} "
-                  f"{_fmt(result.baseline_selection.metrics().get(result.settings.metric))} on selection seed "
-                  f"{result.settings.selection_seed}; the best of {result.candidates} presets × grids at NFE {result.schedule.nfe})",
-                  markup=False, highlight=False)
-    table = Table("metric", "schedule", "best baseline", "floor", "difference (95% CI)", "verdict",
-                  title=f"{result.schedule.name or args.schedule} − best baseline on {args.model}, paired over "
-                        f"validation seeds {seeds[0]}–{seeds[-1]} (n={result.n})",
-                  caption=f"floor: the converged solution · FID/KID against {result.reference}")
+    console.print(
+        f"best baseline: {result.baseline.name} ({label} "
+        f"{_fmt(result.baseline_selection.metrics().get(result.settings.metric))} on selection seed "
+        f"{result.settings.selection_seed}; the best of {result.candidates} presets × grids at NFE {result.schedule.nfe})",
+        markup=False,
+        highlight=False,
+    )
+    table = Table(
+        "metric",
+        "schedule",
+        "best baseline",
+        "floor",
+        "difference (95% CI)",
+        "verdict",
+        title=f"{result.schedule.name or args.schedule} − best baseline on {args.model}, paired over "
+        f"validation seeds {seeds[0]}–{seeds[-1]} (n={result.n})",
+        caption=f"floor: the converged solution · FID/KID against {result.reference}",
+    )
     for metric, difference in result.comparisons.items():
-        table.add_row(METRIC_LABELS[metric].replace("\n", " "), _fmt(difference.mean_a), _fmt(difference.mean_b),
-                      _fmt(result.floor_mean(metric)),
-                      f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
-                      f"{_fmt(difference.high, signed=True)}]", difference.verdict)
+        table.add_row(
+            METRIC_LABELS[metric].replace("\n", " "),
+            _fmt(difference.mean_a),
+            _fmt(difference.mean_b),
+            _fmt(result.floor_mean(metric)),
+            f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
+            f"{_fmt(difference.high, signed=True)}]",
+            difference.verdict,
+        )
     console.print(table)
     objective = result.objective
-    interval = f"{_fmt(objective.mean, signed=True)} [{_fmt(objective.low, signed=True)}, {_fmt(objective.high, signed=True)}]"
+    interval = (
+        f"{_fmt(objective.mean, signed=True)} [{_fmt(objective.low, signed=True)}, {_fmt(objective.high, signed=True)}]"
+    )
     if result.verdict == KEEP:
         how = "significantly better than" if result.significantly_better else "not significantly different from"
         line = f"verdict: keep — on {label} the schedule is {how} the best baseline ({interval})"
     else:
-        line = (f"verdict: re-search (warm-start from it: algorithm.settings.warm_start: {args.schedule}) — on {label} "
-                f"the schedule is significantly worse than the best baseline ({interval})")
+        line = (
+            f"verdict: re-search (warm-start from it: algorithm.settings.warm_start: {args.schedule}) — on {label} "
+            f"the schedule is significantly worse than the best baseline ({interval})"
+        )
     console.print(line, markup=False, highlight=False)
 
 
@@ -381,7 +490,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for warning in caught:
         print(f"solversearch: warning: {warning.message}", file=sys.stderr)
     if not bool(images.isfinite().all()):
-        raise SolversearchError(f"the schedule {schedule.name or args.schedule} diverged on this model (NaN/inf samples); nothing written")
+        raise SolversearchError(
+            f"the schedule {schedule.name or args.schedule} diverged on this model (NaN/inf samples); nothing written"
+        )
     per_row = 8
     rows = [images[i : i + per_row] for i in range(0, images.shape[0], per_row)]
     labels = [f"{schedule.name or Path(args.schedule).name}, seed {args.seed}"] + [""] * (len(rows) - 1)
@@ -400,8 +511,16 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from .schedule import describe
 
     out = output_file(args.out)
-    settings = RefineSettings(n=args.n, heldout_n=args.heldout_n, iterations=args.iterations, learning_rate=args.learning_rate,
-                              patience=args.patience, learn_factors=not args.no_factors, features=args.features, device=args.device)
+    settings = RefineSettings(
+        n=args.n,
+        heldout_n=args.heldout_n,
+        iterations=args.iterations,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        learn_factors=not args.no_factors,
+        features=args.features,
+        device=args.device,
+    )
     model = load_model(args.model, args.device)
     parent = _schedule_argument(args.schedule, model.noise_schedule, args.nfe, args.storage)
 
@@ -411,10 +530,14 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     result = refine(model, parent, settings, on_progress=report)
     first, best = result.heldout_losses[0], result.heldout_losses[result.best_iteration]
     if result.best_iteration == 0:
-        print(f"no iterate beat {parent.name or args.schedule} on the held-out batch ({first:.5f}); it is written unchanged")
+        print(
+            f"no iterate beat {parent.name or args.schedule} on the held-out batch ({first:.5f}); it is written unchanged"
+        )
     else:
-        print(f"held-out teacher distance {first:.5f} → {best:.5f} ({100 * result.improvement:.1f} % lower, "
-              f"iteration {result.best_iteration}) in {duration(result.seconds)}")
+        print(
+            f"held-out teacher distance {first:.5f} → {best:.5f} ({100 * result.improvement:.1f} % lower, "
+            f"iteration {result.best_iteration}) in {duration(result.seconds)}"
+        )
     for line in describe(result.schedule):
         print(line)
     result.schedule.save(out)
@@ -439,11 +562,15 @@ def _schedule_argument(text: str, noise, nfe: int, storage: str | None = None):
         rank_number = _positive_int(rank or "1")
         ranked = open_existing(storage_url(storage), study).best(k=rank_number)
         if len(ranked) < rank_number:
-            raise SolversearchError(f"study {study!r} has only {len(ranked)} finished schedules; there is no rank {rank_number}")
+            raise SolversearchError(
+                f"study {study!r} has only {len(ranked)} finished schedules; there is no rank {rank_number}"
+            )
         return ranked[rank_number - 1].schedule
     name, _, grid = text.partition("/")
     if name not in presets.PRESETS:
-        raise SolversearchError(f"--schedule: {text!r} is neither a schedule file nor a preset; presets: {sorted(presets.PRESETS)}")
+        raise SolversearchError(
+            f"--schedule: {text!r} is neither a schedule file nor a preset; presets: {sorted(presets.PRESETS)}"
+        )
     return presets.build(name, noise, nfe, grid or "logsnr")
 
 
@@ -466,8 +593,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         console = Console(width=130)  # logs and pipes: keep the result table readable
     title = f"{experiment.study_name}: {experiment.algorithm}, NFE {experiment.nfe}"
     with SearchProgress(console, title, experiment.metric.name) as progress:
-        outcome = run_search(experiment, address=args.address, on_update=progress, validate=not args.no_validation,
-                             export_dir=out)
+        outcome = run_search(
+            experiment, address=args.address, on_update=progress, validate=not args.no_validation, export_dir=out
+        )
     _print_outcome(console, experiment, outcome)
     return 0
 
@@ -481,41 +609,81 @@ def _print_outcome(console, experiment, outcome) -> None:
     report = outcome.report
     metric = experiment.metric.name
     searched = outcome.evaluations - outcome.baseline_evaluations
-    heading = (f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines, "
-               f"{searched} searched; {outcome.new_evaluations} new)")
+    heading = (
+        f"{outcome.study}: {outcome.evaluations} evaluations ({outcome.baseline_evaluations} baselines, "
+        f"{searched} searched; {outcome.new_evaluations} new)"
+    )
     names = METRIC_LABELS
     validated = bool(report.validation_seeds)
     seeds = report.validation_seeds
-    caption = (f"search: seed {experiment.metric.seed}, n={experiment.metric.n}"
-               + (f" · selection: best of the top {experiment.validation_top} on seed {report.selection_seed}, n={report.n}"
-                  f" · validation: mean over seeds {seeds[0]}–{seeds[-1]}, n={report.n} · FID/KID against "
-                  f"{report.reference}" if validated else ""))
-    table = Table("", "schedule", "NFE", f"{metric}\nsearch", *( [f"{metric}\nselection"] if validated else []),
-                  *([names[m] for m in REPORT_METRICS] if validated else []), "GMACs\n/sample", "ms\n/sample",
-                  title=heading, caption=caption)
+    caption = f"search: seed {experiment.metric.seed}, n={experiment.metric.n}" + (
+        f" · selection: best of the top {experiment.validation_top} on seed {report.selection_seed}, n={report.n}"
+        f" · validation: mean over seeds {seeds[0]}–{seeds[-1]}, n={report.n} · FID/KID against "
+        f"{report.reference}"
+        if validated
+        else ""
+    )
+    table = Table(
+        "",
+        "schedule",
+        "NFE",
+        f"{metric}\nsearch",
+        *([f"{metric}\nselection"] if validated else []),
+        *([names[m] for m in REPORT_METRICS] if validated else []),
+        "GMACs\n/sample",
+        "ms\n/sample",
+        title=heading,
+        caption=caption,
+    )
     for row in report.rows:
         ms = "–" if not row.validation else f"{1000.0 / row.validation[0].samples_per_second:.2f}"
         macs = row.stored.cost.get("macs")
-        cells = [row.label, row.stored.schedule.name, str(row.stored.schedule.nfe), _fmt(row.stored.metrics.get(metric))]
+        cells = [
+            row.label,
+            row.stored.schedule.name,
+            str(row.stored.schedule.nfe),
+            _fmt(row.stored.metrics.get(metric)),
+        ]
         if validated:
             cells.append(_fmt(row.selection.metrics().get(metric)))
             cells += [_fmt(row.mean(m)) for m in REPORT_METRICS]
         cells += ["–" if macs is None else f"{macs / 1e9:.3f}", ms]
         table.add_row(*cells)
     if report.floor:
-        table.add_row("converged (floor)", "teacher: UniPC-3 on a λ-uniform grid", str(report.floor[0].nfe), "–", "–",
-                      *[_fmt(report.floor_mean(m)) for m in REPORT_METRICS], "–", "–")
+        table.add_row(
+            "converged (floor)",
+            "teacher: UniPC-3 on a λ-uniform grid",
+            str(report.floor[0].nfe),
+            "–",
+            "–",
+            *[_fmt(report.floor_mean(m)) for m in REPORT_METRICS],
+            "–",
+            "–",
+        )
     console.print(table)
     if report.comparisons:
-        paired = Table("metric", "searched", "best baseline", "floor", "difference (95% CI)", "verdict", "excess left",
-                       title=f"searched − best baseline, paired over {len(seeds)} validation seeds",
-                       caption="excess left = (searched − floor) / (baseline − floor); ≤ 0.5 removes half the baseline's excess")
+        paired = Table(
+            "metric",
+            "searched",
+            "best baseline",
+            "floor",
+            "difference (95% CI)",
+            "verdict",
+            "excess left",
+            title=f"searched − best baseline, paired over {len(seeds)} validation seeds",
+            caption="excess left = (searched − floor) / (baseline − floor); ≤ 0.5 removes half the baseline's excess",
+        )
         for m, difference in report.comparisons.items():
-            paired.add_row(names[m].replace("\n", " "), _fmt(difference.mean_a), _fmt(difference.mean_b),
-                           _fmt(report.floor_mean(m)),
-                           f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
-                           f"{_fmt(difference.high, signed=True)}]",
-                           difference.verdict, _fmt(report.excess_left(m), digits=2))
+            paired.add_row(
+                names[m].replace("\n", " "),
+                _fmt(difference.mean_a),
+                _fmt(difference.mean_b),
+                _fmt(report.floor_mean(m)),
+                f"{_fmt(difference.mean, signed=True)} [{_fmt(difference.low, signed=True)}, "
+                f"{_fmt(difference.high, signed=True)}]",
+                difference.verdict,
+                _fmt(report.excess_left(m), digits=2),
+            )
         console.print(paired)
     if outcome.best is not None:
         for line in describe(outcome.best.schedule):
@@ -544,8 +712,13 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     for row in list_studies(storage_url(args.storage)):
         description = row.get("description") or {}
         best = row.get("best_value")
-        table.add_row(row["name"], str(row["n_trials"]), "–" if best is None else f"{best:.4f}",
-                      str(description.get("model", "")), str(description.get("nfe", "")))
+        table.add_row(
+            row["name"],
+            str(row["n_trials"]),
+            "–" if best is None else f"{best:.4f}",
+            str(description.get("model", "")),
+            str(description.get("nfe", "")),
+        )
     Console().print(table)
     return 0
 
@@ -576,7 +749,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     refining = sum(e.cost.get("refine_seconds", 0.0) for e in history)
     predictor = float(store.get_attr("predictor_seconds", 0.0))
     wall = float(store.get_attr("wall_seconds", 0.0))
-    cost = Table("search cost", "seconds", title=f"{args.study}: {len(history)} evaluations, {sum(e.diverged for e in history)} diverged")
+    cost = Table(
+        "search cost",
+        "seconds",
+        title=f"{args.study}: {len(history)} evaluations, {sum(e.diverged for e in history)} diverged",
+    )
     lines = [("sampling (workers)", sampling), ("metric (workers)", scoring)]
     if refining:
         lines.append((f"refinement (workers, {sum(1 for e in history if e.refinement)} schedules)", refining))
@@ -605,23 +782,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
         rank = args.rank or 1
         ranked = store.best(k=rank)
         if len(ranked) < rank:
-            raise SolversearchError(f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {rank}")
+            raise SolversearchError(
+                f"study {args.study!r} has only {len(ranked)} finished schedules; cannot export rank {rank}"
+            )
         chosen = ranked[rank - 1]
     # The search's own winner carries its paired comparison with the best baseline on fresh seeds.
     comparison = validation.get("comparison") if searched.get("trial") == chosen.number else None
     schedule = chosen.schedule.with_metadata(
         metrics=chosen.metrics,
         model_fingerprint=store.description.get("model_fingerprint"),
-        provenance={"study": args.study, "trial": chosen.number, "algorithm": chosen.algorithm,
-                    **({"winner": True} if winner else {"rank": args.rank or 1}),
-                    "model": store.description.get("model"), "prediction_type": store.description.get("prediction_type"),
-                    **({"comparison": comparison} if comparison else {})},
+        provenance={
+            "study": args.study,
+            "trial": chosen.number,
+            "algorithm": chosen.algorithm,
+            **({"winner": True} if winner else {"rank": args.rank or 1}),
+            "model": store.description.get("model"),
+            "prediction_type": store.description.get("prediction_type"),
+            **({"comparison": comparison} if comparison else {}),
+        },
     )
     if args.format == "solversearch":
         schedule.save(out)
     else:
         if schedule.noise_schedule is None:
-            raise SolversearchError(f"the stored schedule has no noise schedule; cannot convert it to {args.format} times")
+            raise SolversearchError(
+                f"the stored schedule has no noise schedule; cannot convert it to {args.format} times"
+            )
         noise = noise_schedule_from_dict(schedule.noise_schedule)
         if args.format == "diffusers":
             doc = export_diffusers(schedule, noise, args.diffusers_kind)
@@ -631,8 +817,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
             write_text(out, json.dumps(doc["sigmas"]) + "\n")
         print(f"solversearch: {args.format} {'timesteps' if 'timesteps' in doc else 'sigmas'}: {doc['units']}")
         if doc["dropped"]:
-            print(f"solversearch: warning: a list of times cannot carry {'; '.join(doc['dropped'])} — "
-                  "SearchedScheduler runs the whole schedule", file=sys.stderr)
+            print(
+                f"solversearch: warning: a list of times cannot carry {'; '.join(doc['dropped'])} — "
+                "SearchedScheduler runs the whole schedule",
+                file=sys.stderr,
+            )
     print(f"wrote {out} (trial {chosen.number}, {chosen.schedule.name})")
     return 0
 

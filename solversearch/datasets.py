@@ -25,5 +25,5 @@ def digits(size: int = 8) -> tuple[torch.Tensor, np.ndarray]:
 def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random train/test split of range(n)."""
     order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])

@@ -70,7 +70,9 @@ AlphaSigma = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 def vp_alpha_sigma_of_lambda(lam: Tensor) -> tuple[Tensor, Tensor]:
     """VP: α = √sigmoid(2λ), σ = √sigmoid(−2λ) (what `VariancePreserving.torch_alpha_sigma_of_lambda` gives)."""
-    return torch.exp(-0.5 * torch.nn.functional.softplus(-2.0 * lam)), torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * lam))
+    return torch.exp(-0.5 * torch.nn.functional.softplus(-2.0 * lam)), torch.exp(
+        -0.5 * torch.nn.functional.softplus(2.0 * lam)
+    )
 
 
 def exponential_update(
@@ -123,8 +125,10 @@ def plan_from_lambdas(
     n_steps = schedule.n_steps
     finite = n_steps + 1 - schedule.ends_at_zero
     if lambdas.shape != (finite,) or times.shape != (n_steps + 1,):
-        raise ScheduleError(f"need {finite} log-SNR values and {n_steps + 1} times for {n_steps} steps, "
-                            f"got {tuple(lambdas.shape)} and {tuple(times.shape)}")
+        raise ScheduleError(
+            f"need {finite} log-SNR values and {n_steps + 1} times for {n_steps} steps, "
+            f"got {tuple(lambdas.shape)} and {tuple(times.shape)}"
+        )
     gaps = lambdas[1:] - lambdas[:-1]
     if bool((gaps.detach() <= MIN_LAMBDA_GAP).any()):
         raise ScheduleError("log-SNR values must increase by more than MIN_LAMBDA_GAP from step to step")
@@ -174,7 +178,9 @@ def plan_from_lambdas(
 
 
 def differentiable_plan(
-    schedule: SolverSchedule, noise: NoiseSchedule, times: Tensor | None = None,
+    schedule: SolverSchedule,
+    noise: NoiseSchedule,
+    times: Tensor | None = None,
     first_derivative_factors: Tensor | None = None,
 ) -> SamplingPlan:
     """The plan at `times` (default: the schedule's own), differentiable in the times through the noise
@@ -194,5 +200,7 @@ def _unic(step: Step, i: int, lambdas: Tensor, alpha_sigma: AlphaSigma) -> Linea
     scales = [hh.new_tensor(1.0)] * (order - 1)
     if order == 2:
         scales[0] = first_derivative_scale(step, hh)
-    x_coef, weights = exponential_update(step.prediction, i, lambdas, lambdas[i + 1], [fit] * (order - 1), scales, alpha_sigma)
+    x_coef, weights = exponential_update(
+        step.prediction, i, lambdas, lambdas[i + 1], [fit] * (order - 1), scales, alpha_sigma
+    )
     return LinearUpdate(x_coef, "x0" if step.prediction == "data" else "eps", tuple(sorted(weights.items())))

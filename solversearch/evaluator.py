@@ -123,7 +123,9 @@ class Evaluator:
         self.settings = settings or EvaluationSettings()
         self.cache = cache or ArrayCache()
         self.device = torch.device(self.settings.device)
-        self.denoiser = model.denoiser.to(self.device) if isinstance(model.denoiser, torch.nn.Module) else model.denoiser
+        self.denoiser = (
+            model.denoiser.to(self.device) if isinstance(model.denoiser, torch.nn.Module) else model.denoiser
+        )
         self.features = self._feature_extractor()
         generator = torch.Generator().manual_seed(self.settings.seed)
         self.x_T = torch.randn((self.settings.n, *model.sample_shape), generator=generator)
@@ -163,8 +165,14 @@ class Evaluator:
         settings = self.settings
         if not bool(torch.isfinite(samples).all()):
             teacher = math.inf if settings.error_to_reference else None
-            return {"fid": math.inf, "kid": math.inf, "kid_std": math.inf, "error_to_reference": teacher,
-                    "teacher_distance": teacher, "diverged": True}
+            return {
+                "fid": math.inf,
+                "kid": math.inf,
+                "kid_std": math.inf,
+                "error_to_reference": teacher,
+                "teacher_distance": teacher,
+                "diverged": True,
+            }
         reference = self.reference()
         images = self.images(samples)
         layers = self._layers(images) if settings.error_to_reference else None
@@ -181,8 +189,14 @@ class Evaluator:
             distances = [perceptual_distance(a, b) for a, b in zip(layers, self._teacher_layers_all())]
             teacher_distance = float(torch.cat(distances).double().mean())
             err = error_to_reference(images, self.images(teacher))
-        return {"fid": fid, "kid": kid, "kid_std": kid_std, "error_to_reference": err,
-                "teacher_distance": teacher_distance, "diverged": False}
+        return {
+            "fid": fid,
+            "kid": kid,
+            "kid_std": kid_std,
+            "error_to_reference": err,
+            "teacher_distance": teacher_distance,
+            "diverged": False,
+        }
 
     def images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples as they are scored and seen: clamped to the model's data range (unbounded data as is)."""
@@ -234,7 +248,9 @@ class Evaluator:
             finally:
                 torch.cuda.empty_cache()
         if fits == 0:
-            raise SolversearchError(f"even a batch of {min(64, largest_needed)} samples does not fit on {self.device}; lower the model size or use the CPU")
+            raise SolversearchError(
+                f"even a batch of {min(64, largest_needed)} samples does not fit on {self.device}; lower the model size or use the CPU"
+            )
         return max(1, min(self.settings.n, fits // 2))
 
     def macs(self, schedule: SolverSchedule) -> float | None:
@@ -305,10 +321,12 @@ class Evaluator:
             raise SolversearchError(f"{what} was not prepared by the driver; workers only read what it built")
 
     def _features(self, images: torch.Tensor) -> np.ndarray:
-        return np.concatenate([
-            self.features(images[i : i + self.batch_size].to(self.device)).cpu().numpy()
-            for i in range(0, images.shape[0], self.batch_size)
-        ])
+        return np.concatenate(
+            [
+                self.features(images[i : i + self.batch_size].to(self.device)).cpu().numpy()
+                for i in range(0, images.shape[0], self.batch_size)
+            ]
+        )
 
     def _layers(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         """Perceptual layers per batch (kept per batch: at most one batch of activations at a time)."""
@@ -338,8 +356,12 @@ class Evaluator:
 
             dimension = self._features(torch.zeros((1, *model.sample_shape))).shape[1]
             return reference_from_path(
-                source, channels=model.sample_shape[0], dimension=dimension,
-                features=self._batched_features, cache=self.cache, key={"features": self.features.identity},
+                source,
+                channels=model.sample_shape[0],
+                dimension=dimension,
+                features=self._batched_features,
+                cache=self.cache,
+                key={"features": self.features.identity},
             )
         if exact:
             mean, cov = model.exact_reference()
@@ -353,7 +375,9 @@ class Evaluator:
             )
         key = {"features": self.features.identity, "model": model.fingerprint, "source": "data"}
         reference = reference_features(self.cache, key, lambda: self._batched_features(model.reference_data()))
-        return ReferenceFeatures(reference.stats, reference.features, f"real data: {reference.stats.n:,} images ({model.spec})")
+        return ReferenceFeatures(
+            reference.stats, reference.features, f"real data: {reference.stats.n:,} images ({model.spec})"
+        )
 
     def _model_reference(self, on_progress: Progress | None = None) -> ReferenceFeatures:
         """The model's own converged distribution: `reference_n` (default n) samples of the 200-step
@@ -372,11 +396,19 @@ class Evaluator:
             )
             raise SolversearchError(message)
         seed = 2**31 - 1
-        key = {"features": self.features.identity, "model": model.fingerprint, "source": "model",
-               "steps": REFERENCE_SOLVER_STEPS, "n": n, "seed": seed}
+        key = {
+            "features": self.features.identity,
+            "model": model.fingerprint,
+            "source": "model",
+            "steps": REFERENCE_SOLVER_STEPS,
+            "n": n,
+            "seed": seed,
+        }
         schedule = teacher_schedule(model.noise_schedule, REFERENCE_SOLVER_STEPS)
         reference_evaluator = Evaluator(model, replace(settings, n=n, seed=seed, error_to_reference=False), self.cache)
-        report = (lambda done: on_progress("reference: the model's converged samples", done, n)) if on_progress else None
+        report = (
+            (lambda done: on_progress("reference: the model's converged samples", done, n)) if on_progress else None
+        )
         if report:
             report(0)
         reference = reference_features(
@@ -417,7 +449,6 @@ class Evaluator:
         if self.settings.mixed_precision and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         return contextlib.nullcontext()
-
 
 
 def teacher_schedule(noise: NoiseSchedule, steps: int) -> SolverSchedule:

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,10 +36,26 @@ from .schedule import SolverSchedule, load_schedule
 # The scheduler-config keys that describe each family's noise path, named as the paths' `to_dict` names
 # them (and as diffusers' own schedulers do, so pipelines that read e.g. `use_dynamic_shifting` find it).
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "vp": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
-           "precision"),
-    "flow": ("num_train_timesteps", "shift", "use_dynamic_shifting", "time_shift_type", "mu", "base_shift", "max_shift",
-             "base_image_seq_len", "max_image_seq_len"),
+    "vp": (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "rescale_betas_zero_snr",
+        "precision",
+    ),
+    "flow": (
+        "num_train_timesteps",
+        "shift",
+        "use_dynamic_shifting",
+        "time_shift_type",
+        "mu",
+        "base_shift",
+        "max_shift",
+        "base_image_seq_len",
+        "max_image_seq_len",
+    ),
     "edm": ("sigma_min", "sigma_max", "sigma_data", "rho"),
 }
 NOISE_KEYS = PATH_KEYS["vp"]
@@ -62,7 +78,7 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
-    _compatibles: list[str] = []
+    _compatibles: ClassVar[list[str]] = []
 
     @register_to_config
     def __init__(
@@ -178,7 +194,9 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         if begin_index != 0:
-            raise ScheduleError("SearchedScheduler runs whole schedules; image-to-image with strength < 1 is not supported")
+            raise ScheduleError(
+                "SearchedScheduler runs whole schedules; image-to-image with strength < 1 is not supported"
+            )
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network's input: c_in·x on EDM paths, x itself on VP and flow paths — except before the
@@ -233,8 +251,12 @@ class SearchedScheduler(SchedulerMixin, ConfigMixin):
         """x_t = α(t) x₀ + σ(t) ε at the times whose network time inputs are `timesteps`."""
         t = self._t_of_network_time(np.asarray(timesteps.detach().cpu(), dtype=np.float64)).reshape(-1)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        alpha = torch.as_tensor(self.noise.alpha(t), dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
-        sigma = torch.as_tensor(self.noise.sigma(t), dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
+        alpha = torch.as_tensor(
+            self.noise.alpha(t), dtype=original_samples.dtype, device=original_samples.device
+        ).reshape(shape)
+        sigma = torch.as_tensor(
+            self.noise.sigma(t), dtype=original_samples.dtype, device=original_samples.device
+        ).reshape(shape)
         return alpha * original_samples + sigma * noise
 
     def __len__(self) -> int:
@@ -331,7 +353,9 @@ def pruned(unet: torch.nn.Module, scheduler: SearchedScheduler) -> Iterator[None
     known = set(prunable_units(unet))
     unknown = sorted({u for step in scheduler.schedule.steps for u in step.skip} - known)
     if unknown:
-        raise ScheduleError(f"the schedule skips blocks this network does not have: {unknown}; it has e.g. {sorted(known)[:4]}")
+        raise ScheduleError(
+            f"the schedule skips blocks this network does not have: {unknown}; it has e.g. {sorted(known)[:4]}"
+        )
     active: list[contextlib.ExitStack] = []
 
     def before(module, args):
@@ -415,9 +439,13 @@ def check_compatibility(schedule: SolverSchedule, model: Any, strict: bool = Fal
     """
     check_noise_schedule(schedule, model.noise_schedule)
     expected_type = schedule.provenance.get("prediction_type")
-    actual_type = getattr(model, "prediction_type", None) or getattr(getattr(model, "denoiser", None), "prediction_type", None)
+    actual_type = getattr(model, "prediction_type", None) or getattr(
+        getattr(model, "denoiser", None), "prediction_type", None
+    )
     if expected_type and actual_type and expected_type != actual_type:
-        raise ScheduleError(f"the schedule was searched on a {expected_type} model, but this model predicts {actual_type}")
+        raise ScheduleError(
+            f"the schedule was searched on a {expected_type} model, but this model predicts {actual_type}"
+        )
     fingerprint = getattr(model, "fingerprint", None)
     fingerprint = fingerprint() if callable(fingerprint) else fingerprint
     if schedule.model_fingerprint and fingerprint and schedule.model_fingerprint != fingerprint:

@@ -208,7 +208,10 @@ class DiscreteVP(VariancePreserving):
         dtype = torch.float32 if precision == "float32" else torch.float64
         trained = config.get("trained_betas")
         schedule = config.get("beta_schedule", "linear")
-        start, end = _config_number(config, "beta_start", 1e-4, below=1.0), _config_number(config, "beta_end", 0.02, below=1.0)
+        start, end = (
+            _config_number(config, "beta_start", 1e-4, below=1.0),
+            _config_number(config, "beta_end", 0.02, below=1.0),
+        )
         if trained is not None:
             if not isinstance(trained, (list, tuple)) or len(trained) < 2:
                 raise NoiseScheduleError(f"trained_betas must be a list of at least 2 numbers, got {trained!r}")
@@ -372,8 +375,18 @@ class RectifiedFlow(NoiseSchedule):
     def from_diffusers_config(cls, config: Mapping[str, Any], mu: float | None = None) -> RectifiedFlow:
         """From a `FlowMatchEulerDiscreteScheduler` config (or a multistep scheduler's `use_flow_sigmas` /
         `flow_shift` config); `mu` is the dynamic shift of one resolution (see `mu_for`)."""
-        unsupported = [k for k in ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                                   "use_beta_sigmas", "stochastic_sampling") if config.get(k)]
+        unsupported = [
+            k
+            for k in (
+                "invert_sigmas",
+                "shift_terminal",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "stochastic_sampling",
+            )
+            if config.get(k)
+        ]
         if unsupported:
             raise NoiseScheduleError(f"flow scheduler options not supported: {', '.join(unsupported)}")
         shift = config.get("shift", config.get("flow_shift", 1.0))
@@ -558,8 +571,13 @@ class KarrasVE(NoiseSchedule):
         return self.sigma_min / self.sigma_max
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "edm", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-                "sigma_data": self.sigma_data, "rho": self.rho}
+        return {
+            "kind": "edm",
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "sigma_data": self.sigma_data,
+            "rho": self.rho,
+        }
 
     def __repr__(self) -> str:
         return f"KarrasVE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
@@ -582,8 +600,11 @@ def noise_schedule_from_dict(description: Mapping[str, Any]) -> NoiseSchedule:
     if kind == "discrete_vp":
         return DiscreteVP.from_diffusers_config(description)
     if kind == "linear_vp":
-        return LinearVP(_config_number(description, "beta_0", None), _config_number(description, "beta_1", None),
-                        _config_number(description, "time_scale", 999.0))
+        return LinearVP(
+            _config_number(description, "beta_0", None),
+            _config_number(description, "beta_1", None),
+            _config_number(description, "time_scale", 999.0),
+        )
     if kind == "rectified_flow":
         return RectifiedFlow.from_diffusers_config(description)
     if kind == "edm":
@@ -619,8 +640,11 @@ def _number(value: Any, key: str, *, integer: bool = False, low: float = 0.0, be
     """`value` as a finite number with low < value < below (low ≤ for integers); anything else is a
     NoiseScheduleError naming `key`."""
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not (
-        (low <= value if integer else low < value) and value < below
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or not ((low <= value if integer else low < value) and value < below)
     ):
         wanted = f"an integer ≥ {low:g}" if integer else f"a number in ({low:g}, {below:g})"
         raise NoiseScheduleError(f"{key}: must be {wanted}, got {value!r}")

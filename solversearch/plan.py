@@ -206,7 +206,9 @@ def check_start_at_pure_noise(schedule: SolverSchedule) -> None:
     through it, and nothing but the model's x̂₀ there is known."""
     first = schedule.steps[0]
     if schedule.first_step == "analytic":
-        raise ScheduleError("first_step: an analytic first step cannot start at α = 0 (σ = 1 on a flow path); use 'model'")
+        raise ScheduleError(
+            "first_step: an analytic first step cannot start at α = 0 (σ = 1 on a flow path); use 'model'"
+        )
     if first.order != 1 or first.corrector != "none":
         raise ScheduleError(
             "steps[0]: a step from α = 0 (σ = 1 on a flow path) must be first order without corrector; "

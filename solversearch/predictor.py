@@ -37,8 +37,14 @@ STEP_COLUMNS: tuple[str, ...] = tuple(
     + [f"order_{k}" for k in range(1, MAX_ORDER + 1)]
     + ["data_prediction", "unic"]
     + [f"scaling_{s}" for s in SCALINGS]
-    + ["linear_coefficient", "low_order_derivative", "mean_back_index", "first_derivative_factor", "second_derivative_factor",
-       "skip_fraction"]
+    + [
+        "linear_coefficient",
+        "low_order_derivative",
+        "mean_back_index",
+        "first_derivative_factor",
+        "second_derivative_factor",
+        "skip_fraction",
+    ]
     + ["analytic_first_step"]
 )
 STEP_FEATURES: int = len(STEP_COLUMNS)
@@ -50,9 +56,7 @@ def encode_schedule(schedule: SolverSchedule, noise: NoiseSchedule, n_units: int
     # A start at pure noise (a flow path's σ = 1, λ = −∞) is encoded as the path's t_start: the first-order
     # data step taken from either lands on almost the same point. Other λ are never below it.
     lambdas = np.maximum(noise.lambda_(np.asarray(schedule.timesteps, dtype=np.float64)), noise.lambda_(noise.t_start))
-    rows = [
-        _step_row(i, step, lambdas[i], lambdas[i + 1], schedule, n_units) for i, step in enumerate(schedule.steps)
-    ]
+    rows = [_step_row(i, step, lambdas[i], lambdas[i + 1], schedule, n_units) for i, step in enumerate(schedule.steps)]
     return np.asarray(rows, dtype=np.float32).reshape(schedule.n_steps, STEP_FEATURES)
 
 

@@ -50,7 +50,9 @@ def dpmpp_3m(times: Times, lower_order_final: bool = True, published: bool = Tru
     orders = _dpm_orders(len(times) - 1, 3, lower_order_final, _ends_at_zero(times))
     factor = 0.5 if published else 1.0
     steps = [
-        Step.multistep(k, "data", scaling="bh2" if k == 2 else "none", second_derivative_factor=factor if k == 3 else 1.0)
+        Step.multistep(
+            k, "data", scaling="bh2" if k == 2 else "none", second_derivative_factor=factor if k == 3 else 1.0
+        )
         for k in orders
     ]
     return _schedule("dpmpp_3m" if published else "dpmpp_3m_exact", times, steps)

@@ -33,7 +33,9 @@ class SearchProgress:
         self.console, self.title, self.metric = console, title, metric
         self.started = time.perf_counter()
         self.status: dict[str, Any] = {}
-        self.live = Live(self._panel(), console=console, refresh_per_second=2, transient=True) if console.is_terminal else None
+        self.live = (
+            Live(self._panel(), console=console, refresh_per_second=2, transient=True) if console.is_terminal else None
+        )
         self._last_line: tuple | None = None
         self._build_started: dict[str, float] = {}
 
@@ -52,7 +54,9 @@ class SearchProgress:
             self.live.update(self._panel())
             return
         for line in self._lines(previous, update):
-            self.console.print(f"[{duration(time.perf_counter() - self.started):>7}] {line}", markup=False, highlight=False)
+            self.console.print(
+                f"[{duration(time.perf_counter() - self.started):>7}] {line}", markup=False, highlight=False
+            )
             self.console.file.flush()  # a log file or pipe is block-buffered: show each line as it happens
 
     # --- plain lines (logs, pipes) ----------------------------------------------------------------
@@ -92,9 +96,11 @@ class SearchProgress:
         eta = elapsed / recorded * (total - recorded) if recorded and total else math.inf
         name = "baseline pool" if status["phase"] == "baselines" else f"search stage {status.get('stage', 0)}"
         best = status.get("best", math.inf)
-        parts = [f"{name}{' done' if done else ''}: {recorded}/{total if total is not None else '?'} evaluations",
-                 f"best {self.metric} {best:.4f}" if math.isfinite(best) else f"best {self.metric} –",
-                 f"elapsed {duration(elapsed)}"]
+        parts = [
+            f"{name}{' done' if done else ''}: {recorded}/{total if total is not None else '?'} evaluations",
+            f"best {self.metric} {best:.4f}" if math.isfinite(best) else f"best {self.metric} –",
+            f"elapsed {duration(elapsed)}",
+        ]
         if total is not None and recorded < total:
             parts.append(f"ETA ≤ {duration(eta)}")
         taus = status.get("tau") or {}

@@ -78,7 +78,11 @@ class RefineSettings:
                 raise SolversearchError(f"refinement {name} must be a positive integer, got {value!r}")
         if self.n < 2 or self.heldout_n < 2:
             raise SolversearchError("refinement needs at least 2 training and 2 held-out samples")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if not (
+            isinstance(self.learning_rate, (int, float))
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
             raise SolversearchError(f"refinement learning_rate must be a positive number, got {self.learning_rate!r}")
         if self.seed == self.heldout_seed:
             raise SolversearchError("the refinement's training and held-out seeds must differ")
@@ -180,16 +184,19 @@ class TimeParametrisation:
             times.append(0.0)
         steps = self.schedule.steps
         if factors is not None:
-            steps = tuple(replace(s, first_derivative_factor=float(f)) if s.order >= 2 else s
-                          for s, f in zip(steps, factors.detach().cpu().tolist()))
+            steps = tuple(
+                replace(s, first_derivative_factor=float(f)) if s.order >= 2 else s
+                for s, f in zip(steps, factors.detach().cpu().tolist())
+            )
         return replace(self.schedule, timesteps=tuple(times), steps=steps)
 
 
 class _TeacherBatch:
     """One batch of x_T with its teacher's feature layers: the loss of a plan is the mean teacher distance."""
 
-    def __init__(self, model: ModelHandle, n: int, seed: int, settings: RefineSettings, cache: ArrayCache | None,
-                 t_start: float):
+    def __init__(
+        self, model: ModelHandle, n: int, seed: int, settings: RefineSettings, cache: ArrayCache | None, t_start: float
+    ):
         self.evaluator = Evaluator(model, _batch_settings(n, seed, settings), cache)
         teacher = self.evaluator.images(self.evaluator.teacher()).to(self.evaluator.device)
         self.teacher_layers = [layer.detach() for layer in self.evaluator.features.layers(teacher)]
@@ -222,8 +229,11 @@ def refine(
     split = torch.tensor(shape.initial_split_logits, dtype=torch.float64, requires_grad=True)
     end = torch.tensor(shape.initial_end_logit, dtype=torch.float64, requires_grad=True)
     learnable = torch.tensor([s.order >= 2 for s in schedule.steps])
-    factors = torch.tensor([s.first_derivative_factor for s in schedule.steps], dtype=torch.float64,
-                           requires_grad=settings.learn_factors and bool(learnable.any()))
+    factors = torch.tensor(
+        [s.first_derivative_factor for s in schedule.steps],
+        dtype=torch.float64,
+        requires_grad=settings.learn_factors and bool(learnable.any()),
+    )
     parameters = [split, end] + ([factors] if factors.requires_grad else [])
 
     def plan():
@@ -255,8 +265,10 @@ def refine(
         if iteration == 1:
             _checked(loss.detach(), schedule)
         if not loss.requires_grad:
-            raise SolversearchError(f"the features {train.evaluator.features.identity!r} are not differentiable: "
-                                    "refinement needs identity, digits or another torch feature network")
+            raise SolversearchError(
+                f"the features {train.evaluator.features.identity!r} are not differentiable: "
+                "refinement needs identity, digits or another torch feature network"
+            )
         loss.backward()
         optimiser.step()
         held = held_out_loss()
@@ -274,14 +286,31 @@ def refine(
         learning_rate /= 2.0
         optimiser = torch.optim.Adam(parameters, lr=learning_rate)
     split_best, end_best, *factors_best = best
-    refined = (shape.schedule_at(shape.lambdas(split_best, end_best), factors_best[0] if factors_best else None)
-               if best_iteration else schedule)
-    result = Refinement(refined, schedule, tuple(train_losses), tuple(heldout_losses), best_iteration,
-                        time.perf_counter() - started, settings)
+    refined = (
+        shape.schedule_at(shape.lambdas(split_best, end_best), factors_best[0] if factors_best else None)
+        if best_iteration
+        else schedule
+    )
+    result = Refinement(
+        refined,
+        schedule,
+        tuple(train_losses),
+        tuple(heldout_losses),
+        best_iteration,
+        time.perf_counter() - started,
+        settings,
+    )
     name = f"{schedule.name or 'schedule'}+refined"
-    return replace(result, schedule=refined.with_metadata(
-        name=name, noise_schedule=noise.to_dict(), model_fingerprint=model.fingerprint, metrics={},
-        provenance={**schedule.provenance, "refinement": result.summary()}))
+    return replace(
+        result,
+        schedule=refined.with_metadata(
+            name=name,
+            noise_schedule=noise.to_dict(),
+            model_fingerprint=model.fingerprint,
+            metrics={},
+            provenance={**schedule.provenance, "refinement": result.summary()},
+        ),
+    )
 
 
 def prepare_teachers(model: ModelHandle, settings: RefineSettings, cache: ArrayCache | None = None) -> None:
@@ -292,8 +321,14 @@ def prepare_teachers(model: ModelHandle, settings: RefineSettings, cache: ArrayC
 
 
 def _batch_settings(n: int, seed: int, settings: RefineSettings) -> EvaluationSettings:
-    return EvaluationSettings(n=n, seed=seed, batch_size=n, device=settings.device, features=settings.features,
-                              reference_steps=settings.reference_steps)
+    return EvaluationSettings(
+        n=n,
+        seed=seed,
+        batch_size=n,
+        device=settings.device,
+        features=settings.features,
+        reference_steps=settings.reference_steps,
+    )
 
 
 def _rounded(value: float) -> float | None:
@@ -302,6 +337,7 @@ def _rounded(value: float) -> float | None:
 
 def _checked(loss: torch.Tensor, schedule: SolverSchedule) -> torch.Tensor:
     if not bool(torch.isfinite(loss)):
-        raise SolversearchError(f"the schedule {schedule.name or '(unnamed)'} diverges on this model (NaN/inf samples): "
-                                "nothing to refine")
+        raise SolversearchError(
+            f"the schedule {schedule.name or '(unnamed)'} diverges on this model (NaN/inf samples): nothing to refine"
+        )
     return loss

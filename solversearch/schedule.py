@@ -317,13 +317,17 @@ def _validate_step(i: int, step: Step, is_last: bool, to_zero: bool) -> None:
     if step.order == 1 and step.first_derivative_factor != 1.0:
         raise ScheduleError(f"{where}.first_derivative_factor: an order-1 step has no derivative term to scale")
     if step.order < 3 and step.second_derivative_factor != 1.0:
-        raise ScheduleError(f"{where}.second_derivative_factor: an order-{step.order} step has no second-derivative term")
+        raise ScheduleError(
+            f"{where}.second_derivative_factor: an order-{step.order} step has no second-derivative term"
+        )
     if step.corrector not in CORRECTORS:
         raise ScheduleError(f"{where}.corrector: must be one of {CORRECTORS}, got {step.corrector!r}")
     if step.corrector != "none" and is_last:
         raise ScheduleError(f"{where}.corrector: the last step cannot be corrected (no model evaluation follows)")
     if to_zero and step.order != 1:
-        raise ScheduleError(f"{where}.order: a step to t = 0 (σ = 0) is the denoising step x = x̂₀; it must have order 1")
+        raise ScheduleError(
+            f"{where}.order: a step to t = 0 (σ = 0) is the denoising step x = x̂₀; it must have order 1"
+        )
     if any(not isinstance(u, str) or not u for u in step.skip) or len(set(step.skip)) != len(step.skip):
         raise ScheduleError(f"{where}.skip: must be distinct non-empty block names, got {list(step.skip)}")
 

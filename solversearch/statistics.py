@@ -47,9 +47,15 @@ class PairedDifference:
 
     def to_dict(self) -> dict:
         plain = lambda v: v if math.isfinite(v) else None
-        return {"a": [plain(v) for v in self.a], "b": [plain(v) for v in self.b], "mean_difference": plain(self.mean),
-                "ci_low": plain(self.low), "ci_high": plain(self.high), "confidence": self.confidence,
-                "verdict": self.verdict}
+        return {
+            "a": [plain(v) for v in self.a],
+            "b": [plain(v) for v in self.b],
+            "mean_difference": plain(self.mean),
+            "ci_low": plain(self.low),
+            "ci_high": plain(self.high),
+            "confidence": self.confidence,
+            "verdict": self.verdict,
+        }
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
@@ -73,7 +79,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     mean = float(differences.mean())
     if len(differences) < 2:
         return PairedDifference(a, b, mean, -math.inf, math.inf, confidence)
-    half_width = float(stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * differences.std(ddof=1) / math.sqrt(len(differences)))
+    half_width = float(
+        stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * differences.std(ddof=1) / math.sqrt(len(differences))
+    )
     return PairedDifference(a, b, mean, mean - half_width, mean + half_width, confidence)
 
 

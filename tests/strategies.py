@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import strategies as st
 
 from solversearch import SolverSchedule, Step
@@ -25,9 +27,7 @@ def steps(draw, i: int, last: bool, to_zero: bool, with_skip: bool) -> Step:
         linear_coefficient=draw(finite) if scaling == "linear" else 0.0,
         second_derivative_factor=draw(st.sampled_from([1.0, 0.5])) if order >= 3 else 1.0,
         corrector="none" if last else draw(st.sampled_from(["none", "unic"])),
-        skip=tuple(draw(st.lists(st.sampled_from(["down.0", "mid.attn", "up.1"]), unique=True)))
-        if with_skip
-        else (),
+        skip=tuple(draw(st.lists(st.sampled_from(["down.0", "mid.attn", "up.1"]), unique=True))) if with_skip else (),
     )
 
 
@@ -36,12 +36,10 @@ def schedules(draw, max_steps: int = 8, with_skip: bool = True, allow_zero_end: 
     """Valid schedules; times closer than `min_gap` are replaced by a uniform grid (λ must separate them)."""
     n = draw(st.integers(1, max_steps))
     times = draw(
-        st.lists(
-            st.floats(min_value=1e-3, max_value=1.0, allow_nan=False), min_size=n + 1, max_size=n + 1, unique=True
-        )
+        st.lists(st.floats(min_value=1e-3, max_value=1.0, allow_nan=False), min_size=n + 1, max_size=n + 1, unique=True)
     )
     times = sorted(times, reverse=True)
-    if min_gap and any(a - b < min_gap for a, b in zip(times, times[1:])):
+    if min_gap and any(a - b < min_gap for a, b in itertools.pairwise(times)):
         times = [1.0 - k * (1.0 - 1e-3) / n for k in range(n + 1)]
     if allow_zero_end and draw(st.booleans()):
         times[-1] = 0.0

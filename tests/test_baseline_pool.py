@@ -20,8 +20,10 @@ USF = load_space("search_spaces/usf.yaml")
 
 def score(schedule: SolverSchedule) -> dict[str, float]:
     """Cheap and deterministic: prefers DDIM-like first-order steps and a particular end time."""
-    return {"fid": 1.0 + sum(s.order for s in schedule.steps) / 10 + abs(schedule.timesteps[-1] - 0.002),
-            "diverged": False}
+    return {
+        "fid": 1.0 + sum(s.order for s in schedule.steps) / 10 + abs(schedule.timesteps[-1] - 0.002),
+        "diverged": False,
+    }
 
 
 def run(pool: BaselinePool) -> list[dict]:
@@ -63,21 +65,33 @@ def test_the_best_presets_get_every_start_end_and_first_step_of_the_space_one_at
 
 
 def test_a_resumed_pool_proposes_only_what_is_missing():
-    complete = BaselinePool(USF, 4, NOISE, presets=["ddim", "unipc_2_bh2"], grids=["logsnr", "time_uniform"], variants_of=1)
+    complete = BaselinePool(
+        USF, 4, NOISE, presets=["ddim", "unipc_2_bh2"], grids=["logsnr", "time_uniform"], variants_of=1
+    )
     configs = run(complete)
-    history = [Observation(SolverSchedule.from_dict(c["schedule"]), c["key"], score(SolverSchedule.from_dict(c["schedule"]))["fid"],
-                           c["stage"]) for c in configs[:3]]
-    resumed = BaselinePool(USF, 4, NOISE, presets=["ddim", "unipc_2_bh2"], grids=["logsnr", "time_uniform"], variants_of=1,
-                           history=history)
+    history = [
+        Observation(
+            SolverSchedule.from_dict(c["schedule"]),
+            c["key"],
+            score(SolverSchedule.from_dict(c["schedule"]))["fid"],
+            c["stage"],
+        )
+        for c in configs[:3]
+    ]
+    resumed = BaselinePool(
+        USF, 4, NOISE, presets=["ddim", "unipc_2_bh2"], grids=["logsnr", "time_uniform"], variants_of=1, history=history
+    )
     rest = run(resumed)
     assert [c["key"] for c in rest] == [c["key"] for c in configs[3:]]
 
 
 def test_the_pool_is_the_same_whatever_the_completion_order():
     """The variants are planned from the set of generation-0 results: order never matters."""
+
     def keys(order_seed: int) -> list[str]:
-        pool = BaselinePool(USF, 5, NOISE, presets=["ddim", "dpmpp_2m", "unipc_2_bh1"], grids=["logsnr", "trailing"],
-                            variants_of=2)
+        pool = BaselinePool(
+            USF, 5, NOISE, presets=["ddim", "dpmpp_2m", "unipc_2_bh1"], grids=["logsnr", "trailing"], variants_of=2
+        )
         rng, pending, serial = np.random.default_rng(order_seed), {}, 0
         while True:
             serial += 1

@@ -22,15 +22,40 @@ def test_presets_lists_and_exports(tmp_path, capsys):
 
 
 def test_baselines_ranks_presets_and_writes_the_report(capsys, tmp_path):
-    argv = ["baselines", "--model", "gmm:digits", "--nfe", "4,6", "--n", "64", "--top", "3", "--out", str(tmp_path),
-            "--solvers", "ddim,dpmpp_2m,unipc_3_bh2", "--grids", "logsnr,trailing"]
+    argv = [
+        "baselines",
+        "--model",
+        "gmm:digits",
+        "--nfe",
+        "4,6",
+        "--n",
+        "64",
+        "--top",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--solvers",
+        "ddim,dpmpp_2m,unipc_3_bh2",
+        "--grids",
+        "logsnr,trailing",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "NFE 4" in out and "NFE 6" in out and "FID" in out and "teacher" in out
     rows = json.loads((tmp_path / "baselines.json").read_text())
     assert len(rows) == 2 * 2 * 3
-    assert set(rows[0]) == {"solver", "grid", "nfe", "fid", "kid", "kid_std", "error_to_reference", "teacher_distance",
-                            "diverged", "seconds"}
+    assert set(rows[0]) == {
+        "solver",
+        "grid",
+        "nfe",
+        "fid",
+        "kid",
+        "kid_std",
+        "error_to_reference",
+        "teacher_distance",
+        "diverged",
+        "seconds",
+    }
     assert (tmp_path / "metric_vs_nfe.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
 
 
@@ -56,11 +81,14 @@ def test_evaluate_refuses_a_schedule_made_for_another_noise_schedule_as_sample_d
         assert "noise schedule" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content, words", [
-    (b'{"format": "solversearch.schedule/v1", "nfe": 3', "not valid JSON"),
-    (b"\xff\xfe{}", "not UTF-8 text"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b'{"format": "solversearch.schedule/v1", "nfe": 3', "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+)
 def test_evaluate_rejects_a_malformed_schedule_with_exit_2(content, words, capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_bytes(content)
@@ -94,8 +122,20 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_runs(device, wor
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     out = tmp_path / "never.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "solversearch.cli", "presets", "ddim", "--nfe", "2000", "--grid", "leading", "--out", str(out)],
+    result = subprocess.run(  # noqa: PLW1510 - the exit status is the assertion
+        [
+            sys.executable,
+            "-m",
+            "solversearch.cli",
+            "presets",
+            "ddim",
+            "--nfe",
+            "2000",
+            "--grid",
+            "leading",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
     )
@@ -121,8 +161,20 @@ def test_export_gives_the_search_s_winner_by_default_and_the_k_th_search_seed_va
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = StudyStore(url, "picked")
     for i, (name, value) in enumerate([("ddim", 0.5), ("dpmpp_2m", 0.3), ("unipc_2_bh2", 0.4)]):
-        store.record(presets.build(name, LinearVP(), 4, "logsnr"), f"k{i}", [value], {"fid": value}, params={}, distributions={},
-                     diverged=False, stage=1, algorithm="s3", cost={"nfe": 4.0}, n=10, seed=0)
+        store.record(
+            presets.build(name, LinearVP(), 4, "logsnr"),
+            f"k{i}",
+            [value],
+            {"fid": value},
+            params={},
+            distributions={},
+            diverged=False,
+            stage=1,
+            algorithm="s3",
+            cost={"nfe": 4.0},
+            n=10,
+            seed=0,
+        )
     numbers = {e.schedule.name.split("/")[0]: e.number for e in store.history()}
     store.set_attr("validation", {"rows": {"searched": {"trial": numbers["unipc_2_bh2"]}}})
     assert main(["export", "picked", "--storage", url, "--out", str(tmp_path / "winner.json")]) == 0

@@ -27,7 +27,11 @@ ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OM
 
 def experiment_file(tmp_path: Path, n: int = 400) -> Path:
     text = (REPO / "experiments" / "gmm_digits.yaml").read_text()
-    text = text.replace("../search_spaces/", f"{REPO}/search_spaces/").replace("n: 1000", f"n: {n}").replace("batch_size: 1000", f"batch_size: {n}")
+    text = (
+        text.replace("../search_spaces/", f"{REPO}/search_spaces/")
+        .replace("n: 1000", f"n: {n}")
+        .replace("batch_size: 1000", f"batch_size: {n}")
+    )
     text += "\nbaselines: {presets: [ddim], grids: [logsnr], variants_of: 0}\n"  # one baseline, in the driver
     path = tmp_path / "exp.yaml"
     path.write_text(text)
@@ -41,9 +45,18 @@ def free_port() -> int:
 
 
 def search(tmp_path, *args, timeout=600):
-    command = [sys.executable, "-m", "solversearch.cli", "search", str(experiment_file(tmp_path)), "--no-validation",
-               "--out", str(tmp_path), *args]
-    return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "solversearch.cli",
+        "search",
+        str(experiment_file(tmp_path)),
+        "--no-validation",
+        "--out",
+        str(tmp_path),
+        *args,
+    ]
+    return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture
@@ -64,22 +77,50 @@ def two_node_cluster():
     port = free_port()
     # A short temp dir: Ray's Unix socket paths must fit in 107 characters (pytest's tmp_path does not).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            '--resources={"head_node": 1}', f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"]
-    worker = ["ray", "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              '--resources={"second_node": 1}', "--disable-usage-stats"]
+    head = [
+        "ray",
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        '--resources={"head_node": 1}',
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    worker = [
+        "ray",
+        "start",
+        f"--address=127.0.0.1:{port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        '--resources={"second_node": 1}',
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(head, env=ENV, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=ENV, check=True, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120, check=False)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_search_on_a_two_node_cluster_stores_every_trial_in_postgresql(tmp_path, two_node_cluster, postgres_study):
-    result = search(tmp_path, "--address", two_node_cluster, "--storage", POSTGRES, "--study", postgres_study,
-                    "--budget", "8", "--algorithm", "random")
+    result = search(
+        tmp_path,
+        "--address",
+        two_node_cluster,
+        "--storage",
+        POSTGRES,
+        "--study",
+        postgres_study,
+        "--budget",
+        "8",
+        "--algorithm",
+        "random",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = [e for e in open_existing(POSTGRES, postgres_study).history() if e.algorithm != "baselines"]
     assert len(history) == 8 and len({e.key for e in history}) == 8
@@ -91,7 +132,9 @@ def test_a_search_on_a_two_node_cluster_stores_every_trial_in_postgresql(tmp_pat
 
 
 def test_sqlite_is_refused_on_a_multi_node_cluster(tmp_path, two_node_cluster):
-    result = search(tmp_path, "--address", two_node_cluster, "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--budget", "2")
+    result = search(
+        tmp_path, "--address", two_node_cluster, "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--budget", "2"
+    )
     assert result.returncode == 2
     assert "SQLite" in result.stderr and "shared" in result.stderr and "Traceback" not in result.stderr
 
@@ -112,9 +155,27 @@ def ray_trial_workers() -> list[int]:
 
 def test_a_trial_whose_worker_dies_is_retried_without_duplicates(tmp_path):
     db = tmp_path / "faults.db"
-    command = [sys.executable, "-m", "solversearch.cli", "search", str(experiment_file(tmp_path, n=3000)), "--no-validation",
-               "--budget", "6", "--algorithm", "random", "--storage", f"sqlite:///{db}", "--study", "faults", "--out", str(tmp_path)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "solversearch.cli",
+        "search",
+        str(experiment_file(tmp_path, n=3000)),
+        "--no-validation",
+        "--budget",
+        "6",
+        "--algorithm",
+        "random",
+        "--storage",
+        f"sqlite:///{db}",
+        "--study",
+        "faults",
+        "--out",
+        str(tmp_path),
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     killed = None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline and process.poll() is None:

@@ -33,9 +33,11 @@ from solversearch.plan import exponential_update
 NOISE = LinearVP()
 RNG = np.random.default_rng(0)
 DIM = 3
-COV_A = (lambda a: a @ a.T * 0.5 + 0.05 * np.eye(DIM))(RNG.normal(size=(DIM, DIM)))
+_A = RNG.normal(size=(DIM, DIM))
+COV_A = _A @ _A.T * 0.5 + 0.05 * np.eye(DIM)
 MU_A = RNG.normal(size=DIM)
-COV_B = (lambda a: a @ a.T * 0.3 + 0.05 * np.eye(DIM))(RNG.normal(size=(DIM, DIM)))
+_B = RNG.normal(size=(DIM, DIM))
+COV_B = _B @ _B.T * 0.3 + 0.05 * np.eye(DIM)
 X_T = torch.randn(8, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 NS = [10, 20, 40, 80, 160, 320]
 

@@ -23,8 +23,13 @@ S = Step
 SCALINGS = [S(scaling="none"), S(scaling="bh1"), S(scaling="bh2"), S(scaling="linear", linear_coefficient=0.7)]
 OPEN_END = SolverSchedule(  # ends at t > 0: the last λ is finite and learnable too
     timesteps=(0.9, 0.6, 0.35, 0.15, 0.04, 0.002),
-    steps=(S("noise", 1, (), "bh1", corrector="unic"), S("data", 2, ((1,),), "bh2", corrector="unic"),
-           S("data", 3, ((1, 2), (1, 2))), S("noise", 2, ((2,),), "linear", -0.4), S("data", 2, ((1,),), "bh1")),
+    steps=(
+        S("noise", 1, (), "bh1", corrector="unic"),
+        S("data", 2, ((1,),), "bh2", corrector="unic"),
+        S("data", 3, ((1, 2), (1, 2))),
+        S("noise", 2, ((2,),), "linear", -0.4),
+        S("data", 2, ((1,),), "bh1"),
+    ),
     first_step="analytic",
 )
 NOISES = [DiscreteVP.from_diffusers_config({}), LinearVP()]
@@ -64,7 +69,9 @@ def test_an_update_of_every_order_has_exact_gradients_in_its_log_snr_values(orde
     points = [list(range(s - order + 1, s))] * (order - 1)
 
     def coefficients(lambdas):
-        scales = [dp.first_derivative_scale(S(scaling="bh2"), lambdas[s + 1] - lambdas[s])] + [lambdas.new_tensor(0.5)] * (order - 2)
+        scales = [dp.first_derivative_scale(S(scaling="bh2"), lambdas[s + 1] - lambdas[s])] + [
+            lambdas.new_tensor(0.5)
+        ] * (order - 2)
         x_coef, weights = dp.exponential_update(prediction, s, lambdas, lambdas[s + 1], points, scales[: order - 1])
         return torch.stack([x_coef, *weights.values()])
 
@@ -87,7 +94,9 @@ def test_the_whole_plan_including_unic_has_exact_gradients_in_its_lambdas_and_fa
     lambdas = f64(noise.lambda_(np.array(schedule.timesteps[:finite])))
     factors = f64([s.first_derivative_factor for s in schedule.steps])
     times = torch.tensor(schedule.timesteps, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda lam, fac: _flat(dp.plan_from_lambdas(schedule, lam, times, fac)), (lambdas, factors))
+    assert torch.autograd.gradcheck(
+        lambda lam, fac: _flat(dp.plan_from_lambdas(schedule, lam, times, fac)), (lambdas, factors)
+    )
 
 
 def _host_numbers(plan) -> list[float]:
@@ -108,7 +117,9 @@ def test_the_differentiable_plan_equals_the_host_plan_to_float64_rounding(name, 
     schedule = SCHEDULES[name]
     host, torch_plan = compile_plan(schedule, noise), dp.differentiable_plan(schedule, noise)
     assert [s.release for s in host.steps] == [s.release for s in torch_plan.steps]
-    assert [[p for p, _ in s.predict.weights] for s in host.steps] == [[p for p, _ in s.predict.weights] for s in torch_plan.steps]
+    assert [[p for p, _ in s.predict.weights] for s in host.steps] == [
+        [p for p, _ in s.predict.weights] for s in torch_plan.steps
+    ]
     np.testing.assert_allclose(_host_numbers(torch_plan), _host_numbers(host), rtol=1e-12, atol=1e-12)
     assert [float(s.t) for s in torch_plan.steps] == [s.t for s in host.steps]
 
@@ -138,7 +149,9 @@ def test_the_sample_is_differentiable_in_the_times_through_the_coefficients_and_
     schedule = OPEN_END
 
     def sample(interior, freeze_network_time=False):
-        times = torch.cat([interior.new_tensor([schedule.timesteps[0]]), interior, interior.new_tensor([schedule.timesteps[-1]])])
+        times = torch.cat(
+            [interior.new_tensor([schedule.timesteps[0]]), interior, interior.new_tensor([schedule.timesteps[-1]])]
+        )
         plan = dp.differentiable_plan(schedule, noise, times)
         if freeze_network_time:
             plan = type(plan)(tuple(_with_fixed_time(s) for s in plan.steps), plan.t_final, plan.nfe)
@@ -171,12 +184,15 @@ def test_on_a_flow_path_the_differentiable_plan_equals_the_host_plan_from_pure_n
     schedule = FLOW_SCHEDULES[name]
     host, torch_plan = compile_plan(schedule, FLOW), dp.differentiable_plan(schedule, FLOW)
     assert [s.target for s in torch_plan.steps] == [s.target for s in host.steps]
-    assert [[p for p, _ in s.predict.weights] for s in host.steps] == [[p for p, _ in s.predict.weights] for s in torch_plan.steps]
+    assert [[p for p, _ in s.predict.weights] for s in host.steps] == [
+        [p for p, _ in s.predict.weights] for s in torch_plan.steps
+    ]
     np.testing.assert_allclose(_host_numbers(torch_plan), _host_numbers(host), rtol=1e-12, atol=1e-12)
     model = _mixture(FLOW)
     x_T = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(execute(torch_plan, model, x_T).sample, solve(model, schedule, x_T, FLOW).sample,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        execute(torch_plan, model, x_T).sample, solve(model, schedule, x_T, FLOW).sample, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_a_flow_schedule_from_pure_noise_is_differentiable_in_its_later_log_snr_values():

@@ -60,9 +60,17 @@ def model(request, tiny_unet, digits_gmm, ddpm_noise):
 def multistep_cases(final: str):
     """(name, diffusers scheduler kwargs, our preset builder) for DPM-Solver++ and UniPC."""
     cases = [
-        ("dpmpp_2m_midpoint", dict(cls=DPMSolverMultistepScheduler, solver_type="midpoint"), lambda t: presets.dpmpp_2m(t)),
-        ("dpmpp_2m_heun", dict(cls=DPMSolverMultistepScheduler, solver_type="heun"), lambda t: presets.dpmpp_2m(t, "heun")),
-        ("dpmpp_3m", dict(cls=DPMSolverMultistepScheduler, solver_order=3), lambda t: presets.dpmpp_3m(t)),
+        (
+            "dpmpp_2m_midpoint",
+            {"cls": DPMSolverMultistepScheduler, "solver_type": "midpoint"},
+            lambda t: presets.dpmpp_2m(t),
+        ),
+        (
+            "dpmpp_2m_heun",
+            {"cls": DPMSolverMultistepScheduler, "solver_type": "heun"},
+            lambda t: presets.dpmpp_2m(t, "heun"),
+        ),
+        ("dpmpp_3m", {"cls": DPMSolverMultistepScheduler, "solver_order": 3}, lambda t: presets.dpmpp_3m(t)),
     ]
     for p in (1, 2, 3):
         for variant in ("bh1", "bh2"):
@@ -71,7 +79,12 @@ def multistep_cases(final: str):
                 # (B(h) or e^h is infinite there); those combinations are compared with sigma_min only.
                 if final == "zero" and (variant == "bh1" or not predict_x0):
                     continue
-                kwargs = dict(cls=UniPCMultistepScheduler, solver_order=p, solver_type=variant, predict_x0=predict_x0)
+                kwargs = {
+                    "cls": UniPCMultistepScheduler,
+                    "solver_order": p,
+                    "solver_type": variant,
+                    "predict_x0": predict_x0,
+                }
                 prediction = "data" if predict_x0 else "noise"
                 build = lambda t, p=p, v=variant, pr=prediction: presets.unipc(t, p, v, pr)
                 cases.append((f"unipc_{p}_{variant}_{prediction}", kwargs, build))
@@ -112,7 +125,9 @@ def test_ddim_preset_on_linspace_reproduces_first_order_dpm_solver(model, ddpm_n
     linspace timestep, so its state and the model's time input disagree (a diffusers quirk no ODE
     solver reproduces). DDIM is first-order DPM-Solver++; that scheduler's linspace run is matched."""
     denoiser, network, prediction_type, x_T = model
-    scheduler = DPMSolverMultistepScheduler(timestep_spacing="linspace", solver_order=1, prediction_type=prediction_type)
+    scheduler = DPMSolverMultistepScheduler(
+        timestep_spacing="linspace", solver_order=1, prediction_type=prediction_type
+    )
     expected = run_diffusers(scheduler, n, network, x_T)
     ours = solve(denoiser, presets.ddim(diffusers_grid(ddpm_noise, n, "linspace")), x_T).sample
     assert float((ours - expected).abs().max()) <= TOLERANCE

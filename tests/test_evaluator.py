@@ -106,8 +106,12 @@ def mixture_scores(gmm_model, cache):
 
 SEEDS = (11, 12, 13)  # never used by searches (0), selection (1000) or validation (1–5)
 MONOTONE_NFE = (4, 6, 10, 20)
-FLOOR_RIVALS = [(solver, grid, nfe) for solver in ("dpmpp_2m", "dpmpp_3m", "unipc_2_bh2", "unipc_3_bh2", "deis_3")
-                for grid in ("logsnr", "time_quadratic", "time_uniform") for nfe in (6,)]
+FLOOR_RIVALS = [
+    (solver, grid, nfe)
+    for solver in ("dpmpp_2m", "dpmpp_3m", "unipc_2_bh2", "unipc_3_bh2", "deis_3")
+    for grid in ("logsnr", "time_quadratic", "time_uniform")
+    for nfe in (6,)
+]
 
 
 def scores_on_fresh_seeds(model, cache, n: int) -> dict[str, list[dict[str, float]]]:

@@ -94,8 +94,12 @@ def test_command_line_overrides():
 
 def warm_started(tmp_path, warm_start):
     """An experiment file in its own folder that warm-starts the bundled model's S³ search."""
-    doc = {**base_doc(), "model": "bundled:digits", "space": str(REPO / "search_spaces" / "usf.yaml"),
-           "algorithm": {"name": "s3", "settings": {"warm_start": warm_start}}}
+    doc = {
+        **base_doc(),
+        "model": "bundled:digits",
+        "space": str(REPO / "search_spaces" / "usf.yaml"),
+        "algorithm": {"name": "s3", "settings": {"warm_start": warm_start}},
+    }
     folder = tmp_path / "experiments"
     folder.mkdir(exist_ok=True)
     (folder / "warm.yaml").write_text(yaml.safe_dump(doc))
@@ -106,8 +110,10 @@ def test_a_warm_start_path_is_resolved_against_the_experiment_folder(tmp_path):
     experiment = load_experiment(warm_started(tmp_path, "elsewhere.json"))
     assert experiment.algorithm_settings["warm_start"] == str((tmp_path / "experiments" / "elsewhere.json").resolve())
     experiment = load_experiment(warm_started(tmp_path, ["a.json", "../b.json"]))
-    assert experiment.algorithm_settings["warm_start"] == [str((tmp_path / "experiments" / "a.json").resolve()),
-                                                           str((tmp_path / "b.json").resolve())]
+    assert experiment.algorithm_settings["warm_start"] == [
+        str((tmp_path / "experiments" / "a.json").resolve()),
+        str((tmp_path / "b.json").resolve()),
+    ]
 
 
 @pytest.mark.parametrize("content, words", [(None, "cannot read schedule file"), ("{", "not valid JSON")])

@@ -70,9 +70,17 @@ def test_cuda_and_cpu_give_the_same_samples(digits_unet, preset):
 
 
 def test_the_batch_probe_finds_a_batch_that_runs_and_never_exceeds_n(digits_unet, tmp_path):
-    evaluator = Evaluator(digits_unet, EvaluationSettings(n=3000, batch_size=0, device="cuda", error_to_reference=False), ArrayCache(tmp_path))
+    evaluator = Evaluator(
+        digits_unet,
+        EvaluationSettings(n=3000, batch_size=0, device="cuda", error_to_reference=False),
+        ArrayCache(tmp_path),
+    )
     assert 64 <= evaluator.batch_size <= 3000
-    small = Evaluator(digits_unet, EvaluationSettings(n=100, batch_size=0, device="cuda", error_to_reference=False), ArrayCache(tmp_path))
+    small = Evaluator(
+        digits_unet,
+        EvaluationSettings(n=100, batch_size=0, device="cuda", error_to_reference=False),
+        ArrayCache(tmp_path),
+    )
     assert small.batch_size == 100
     noise = digits_unet.noise_schedule
     result = evaluator.evaluate(presets.build("dpmpp_2m", noise, 5, "logsnr"))

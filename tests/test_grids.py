@@ -62,8 +62,12 @@ def test_diffusers_grid_ends_at_sigma_zero_or_sigma_min(ddpm_noise):
 
 @pytest.mark.parametrize("path", ["ddpm", "flow", "flow_dynamic", "edm"])
 def test_every_grid_of_a_path_has_n_plus_one_decreasing_times_in_0_1(path, ddpm_noise):
-    noise = {"ddpm": ddpm_noise, "flow": RectifiedFlow(shift=3.0),
-             "flow_dynamic": RectifiedFlow(use_dynamic_shifting=True, mu=0.8), "edm": KarrasVE()}[path]
+    noise = {
+        "ddpm": ddpm_noise,
+        "flow": RectifiedFlow(shift=3.0),
+        "flow_dynamic": RectifiedFlow(use_dynamic_shifting=True, mu=0.8),
+        "edm": KarrasVE(),
+    }[path]
     applicable = [name for name in grids.GRIDS if grids.grid_applies(name, noise)]
     assert set(grids.FAMILY_GRIDS[noise.family]) <= set(applicable) or path == "ddpm"
     for name in applicable:

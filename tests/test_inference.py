@@ -46,8 +46,13 @@ def searched_schedule() -> SolverSchedule:
         Step.multistep(2, "noise", scaling="bh1"),
         Step(),
     )
-    return SolverSchedule(timesteps=(1.0, 0.83, 0.52, 0.21, 0.06, 0.0), steps=steps, first_step="analytic",
-                          noise_schedule=NOISE.to_dict(), name="searched")
+    return SolverSchedule(
+        timesteps=(1.0, 0.83, 0.52, 0.21, 0.06, 0.0),
+        steps=steps,
+        first_step="analytic",
+        noise_schedule=NOISE.to_dict(),
+        name="searched",
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -76,7 +81,9 @@ def test_ddpm_pipeline_runs_a_searched_schedule(tmp_path):
 
 def test_ddpm_pipeline_refuses_the_analytic_first_step():
     unet = make_tiny_unet(channels=3).float()
-    pipe = DDPMPipeline(unet=unet, scheduler=SearchedScheduler.from_schedule(searched_schedule(), DDPMScheduler().config))
+    pipe = DDPMPipeline(
+        unet=unet, scheduler=SearchedScheduler.from_schedule(searched_schedule(), DDPMScheduler().config)
+    )
     with pytest.raises(ScheduleError, match="scale_model_input"):
         pipe(batch_size=1, num_inference_steps=4)
 
@@ -84,8 +91,15 @@ def test_ddpm_pipeline_refuses_the_analytic_first_step():
 def tiny_text_to_image():
     unet = make_tiny_conditional_unet()
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
     ).eval()
     return unet, vae
 
@@ -117,12 +131,18 @@ def test_text_to_image_loop_with_and_without_guidance(guidance_scale, analytic):
     noise = DiscreteVP.from_diffusers_config(config)
     schedule = presets.build("dpmpp_2m", noise, 5, "trailing")
     if analytic:
-        schedule = SolverSchedule(timesteps=(1.0, 0.7, 0.4, 0.15, 0.04, 0.0), steps=(Step(), Step.multistep(2), Step.multistep(2), Step.multistep(2), Step()), first_step="analytic")
+        schedule = SolverSchedule(
+            timesteps=(1.0, 0.7, 0.4, 0.15, 0.04, 0.0),
+            steps=(Step(), Step.multistep(2), Step.multistep(2), Step.multistep(2), Step()),
+            first_step="analytic",
+        )
     scheduler = SearchedScheduler.from_schedule(schedule, config)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     prompts, negatives = torch.randn(2, 5, 12, generator=generator), torch.randn(2, 5, 12, generator=generator)
-    images, final = stable_diffusion_loop(scheduler, unet, vae, latents, prompts, negatives, guidance_scale, schedule.nfe)
+    images, final = stable_diffusion_loop(
+        scheduler, unet, vae, latents, prompts, negatives, guidance_scale, schedule.nfe
+    )
     denoiser = UNetDenoiser(unet, noise, guidance_scale=guidance_scale).bind(
         encoder_hidden_states=prompts, **({"negative_encoder_hidden_states": negatives} if guidance_scale > 1 else {})
     )
@@ -139,8 +159,20 @@ def test_export_then_scheduler_save_and_load_give_identical_outputs(tmp_path, ti
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = StudyStore(url, "round-trip")
     schedule = searched_schedule()
-    store.record(schedule, "k1", [1.0], {"fid": 1.0}, params={}, distributions={}, diverged=False, stage=1,
-                 algorithm="s3", cost={"nfe": 4.0}, n=10, seed=0)
+    store.record(
+        schedule,
+        "k1",
+        [1.0],
+        {"fid": 1.0},
+        params={},
+        distributions={},
+        diverged=False,
+        stage=1,
+        algorithm="s3",
+        cost={"nfe": 4.0},
+        n=10,
+        seed=0,
+    )
     exported = tmp_path / "best.json"
     assert main(["export", "round-trip", "--storage", url, "--out", str(exported)]) == 0
     first = SearchedScheduler.from_schedule(exported, DDPMScheduler().config)
@@ -194,14 +226,42 @@ def test_sample_api_and_cli(tmp_path):
     assert torch.equal(images, sample("gmm:digits", schedule, n=6, seed=3))
     out = tmp_path / "grid.png"
     result = subprocess.run(
-        [sys.executable, "-m", "solversearch.cli", "sample", "--model", "gmm:digits", "--schedule", str(path), "--n", "8",
-         "--out", str(out), "--npz", str(tmp_path / "s.npz")], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "solversearch.cli",
+            "sample",
+            "--model",
+            "gmm:digits",
+            "--schedule",
+            str(path),
+            "--n",
+            "8",
+            "--out",
+            str(out),
+            "--npz",
+            str(tmp_path / "s.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 0 and np.load(tmp_path / "s.npz")["samples"].shape == (8, 1, 8, 8)
     bad = subprocess.run(
-        [sys.executable, "-m", "solversearch.cli", "sample", "--model", "gmm:digits", "--schedule", str(tmp_path / "nope.json")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "solversearch.cli",
+            "sample",
+            "--model",
+            "gmm:digits",
+            "--schedule",
+            str(tmp_path / "nope.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot read" in bad.stderr
 
@@ -222,8 +282,11 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
 def pruned_schedule(units) -> SolverSchedule:
     base = presets.build("unipc_2_bh2", NOISE, 5, "logsnr")
     skips = [(), (units[0],), (units[1], units[-1]), (), (units[2],)]
-    return SolverSchedule(timesteps=base.timesteps, steps=tuple(
-        Step(**{**s.__dict__, "skip": k}) for s, k in zip(base.steps, skips)), noise_schedule=NOISE.to_dict())
+    return SolverSchedule(
+        timesteps=base.timesteps,
+        steps=tuple(Step(**{**s.__dict__, "skip": k}) for s, k in zip(base.steps, skips)),
+        noise_schedule=NOISE.to_dict(),
+    )
 
 
 def test_a_pruned_schedule_runs_inside_an_unmodified_pipeline():
@@ -236,10 +299,16 @@ def test_a_pruned_schedule_runs_inside_an_unmodified_pipeline():
     schedule = pruned_schedule(prunable_units(unet))
     pipe = DDPMPipeline(unet=unet, scheduler=SearchedScheduler.from_schedule(schedule, DDPMScheduler().config))
     with pruned(pipe.unet, pipe.scheduler):
-        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np").images
+        images = pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np"
+        ).images
     x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     expected = ((solve(UNetDenoiser(unet, NOISE), schedule, x_T).sample / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1)
-    unpruned = ((solve(UNetDenoiser(unet, NOISE), presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), x_T).sample / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1)
+    unpruned = (
+        (
+            solve(UNetDenoiser(unet, NOISE), presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), x_T).sample / 2 + 0.5
+        ).clamp(0, 1)
+    ).permute(0, 2, 3, 1)
     assert float((torch.from_numpy(images) - expected).abs().max()) <= 1e-5
     assert float((expected - unpruned).abs().max()) > 1e-3  # the skipping really happened
     assert unet(torch.zeros(1, 3, 8, 8), 10).sample.shape == (1, 3, 8, 8)  # and the network is whole again
@@ -254,7 +323,24 @@ def test_unknown_skipped_blocks_are_clear_errors(tmp_path):
     with pytest.raises(ScheduleError, match="mid_block.resnets.7"), pruned(unet, scheduler):
         pass
     path = schedule.save(tmp_path / "pruned.json")
-    result = subprocess.run([sys.executable, "-m", "solversearch.cli", "sample", "--model", "bundled:digits", "--schedule", str(path),
-                             "--n", "2", "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "solversearch.cli",
+            "sample",
+            "--model",
+            "bundled:digits",
+            "--schedule",
+            str(path),
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and "mid_block.resnets.7" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "g.png").exists()

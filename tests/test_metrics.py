@@ -35,7 +35,9 @@ def test_frechet_distance_of_non_commuting_2x2_gaussians_is_the_closed_form():
 
 def test_frechet_distance_handles_singular_covariances():
     """Σ₁ = diag(1, 0), Σ₂ = diag(0, 1): Σ₁Σ₂ = 0, so FD = 1 + 1 with equal means."""
-    assert frechet_distance(stats([0, 0], np.diag([1.0, 0.0])), stats([0, 0], np.diag([0.0, 1.0]))) == pytest.approx(2.0)
+    assert frechet_distance(stats([0, 0], np.diag([1.0, 0.0])), stats([0, 0], np.diag([0.0, 1.0]))) == pytest.approx(
+        2.0
+    )
     rank_one = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     assert frechet_distance(stats([0, 0, 0], rank_one), stats([0, 0, 0], rank_one)) == pytest.approx(0.0, abs=1e-9)
 

@@ -31,7 +31,9 @@ def test_a_saved_model_loads_and_denoises_like_the_original(tmp_path):
 
 
 def test_a_pipeline_directory_loads(tmp_path):
-    DDPMPipeline(unet=make_tiny_unet().float(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path)
+    DDPMPipeline(
+        unet=make_tiny_unet().float(), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    ).save_pretrained(tmp_path)
     loaded = UNetDenoiser.from_pretrained(tmp_path)
     assert loaded.noise_schedule.to_dict()["beta_schedule"] == "squaredcos_cap_v2"
 
@@ -60,11 +62,14 @@ def test_missing_files_are_user_errors(tmp_path):
             UNetDenoiser.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"sample_size": "big"}, "sample_size"),
-    ({"in_channels": -1}, "cannot load the UNet"),
-    ({"_class_name": "Nope"}, "unsupported UNet class"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"sample_size": "big"}, "sample_size"),
+        ({"in_channels": -1}, "cannot load the UNet"),
+        ({"_class_name": "Nope"}, "unsupported UNet class"),
+    ],
+)
 def test_bad_values_in_a_model_config_are_user_errors(change, words, tmp_path):
     import json
 
@@ -100,7 +105,11 @@ def test_bundled_digits_model_loads_from_the_package():
     handle = load_model("bundled:digits")
     assert handle.sample_shape == (1, 16, 16) and handle.default_features == "digits"
     assert handle.noise_schedule.to_dict() == {
-        "kind": "discrete_vp", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02
+        "kind": "discrete_vp",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
     }
     assert handle.denoiser.prediction_type == "epsilon"
     assert load_model("bundled:digits").fingerprint == handle.fingerprint
@@ -118,7 +127,9 @@ def test_the_bundled_flow_model_loads_from_the_package_as_a_rectified_flow_with_
 def test_a_missing_bundled_model_names_its_training_script(monkeypatch, tmp_path):
     from solversearch.models import spec
 
-    monkeypatch.setitem(spec.BUNDLED, "bundled:digits-flow", (str(tmp_path / "gone"), "experiments/train_digits_flow_model.py"))
+    monkeypatch.setitem(
+        spec.BUNDLED, "bundled:digits-flow", (str(tmp_path / "gone"), "experiments/train_digits_flow_model.py")
+    )
     monkeypatch.setattr(spec.resources, "files", lambda package: tmp_path)
     with pytest.raises(SolversearchError, match="bundled:digits-flow.*missing.*train_digits_flow_model.py"):
         load_model("bundled:digits-flow")

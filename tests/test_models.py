@@ -57,7 +57,9 @@ def test_mixture_samples_have_the_mixture_moments(ddpm_noise):
     samples = model.sample_data(400_000, torch.Generator().manual_seed(0)).numpy()
     weights = model.log_weights.exp().numpy()
     means = model.means.numpy()
-    covs = np.einsum("kde,ke,kfe->kdf", *(b.numpy() for b in (model.eigenvectors, model.eigenvalues, model.eigenvectors)))
+    covs = np.einsum(
+        "kde,ke,kfe->kdf", *(b.numpy() for b in (model.eigenvectors, model.eigenvalues, model.eigenvectors))
+    )
     mean = weights @ means
     second = np.einsum("k,kde->de", weights, covs + np.einsum("kd,ke->kde", means, means))
     np.testing.assert_allclose(samples.mean(0), mean, atol=0.02)

@@ -141,13 +141,16 @@ def test_unknown_kind_is_an_error():
         noise_schedule_from_dict({"kind": "ve"})
 
 
-@pytest.mark.parametrize("description, words", [
-    ({"kind": "linear_vp", "beta_1": 20.0}, "beta_0: required"),
-    ({"kind": "linear_vp", "beta_0": "0.1", "beta_1": 20.0}, "beta_0"),
-    ({"kind": "linear_vp", "beta_0": 0.1, "beta_1": 20.0, "time_scale": float("inf")}, "time_scale"),
-    ({"kind": "discrete_vp", "beta_start": [1]}, "beta_start"),
-    (["discrete_vp"], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "description, words",
+    [
+        ({"kind": "linear_vp", "beta_1": 20.0}, "beta_0: required"),
+        ({"kind": "linear_vp", "beta_0": "0.1", "beta_1": 20.0}, "beta_0"),
+        ({"kind": "linear_vp", "beta_0": 0.1, "beta_1": 20.0, "time_scale": float("inf")}, "time_scale"),
+        ({"kind": "discrete_vp", "beta_start": [1]}, "beta_start"),
+        (["discrete_vp"], "must be a mapping"),
+    ],
+)
 def test_a_described_noise_schedule_with_bad_parameters_names_the_parameter(description, words):
     """A schedule file's noise_schedule block is user input: every parameter is checked, not only `kind`."""
     with pytest.raises(NoiseScheduleError, match=words):

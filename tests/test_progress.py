@@ -19,16 +19,28 @@ def lines_for(updates: list[dict]) -> list[str]:
 
 
 def search(recorded: int, stage: int, total: int = 12, phase: str = "search", best: float = 0.5) -> dict:
-    return {"phase": phase, "recorded": recorded, "total": total, "best": best, "stage": stage, "tau": {},
-            "elapsed": 2.0 * recorded}
+    return {
+        "phase": phase,
+        "recorded": recorded,
+        "total": total,
+        "best": best,
+        "stage": stage,
+        "tau": {},
+        "elapsed": 2.0 * recorded,
+    }
 
 
 def test_builds_report_their_start_quarters_and_end_with_an_estimate():
     updates = [{"phase": "prepare", "what": "teacher", "done": done, "total": 1000} for done in range(0, 1001, 100)]
     lines = lines_for(updates)
     assert lines[0] == "teacher: 0/1000, ETA ?"
-    assert [line.split(",")[0] for line in lines] == ["teacher: 0/1000", "teacher: 300/1000", "teacher: 500/1000",
-                                                      "teacher: 800/1000", "teacher: 1000/1000"]
+    assert [line.split(",")[0] for line in lines] == [
+        "teacher: 0/1000",
+        "teacher: 300/1000",
+        "teacher: 500/1000",
+        "teacher: 800/1000",
+        "teacher: 1000/1000",
+    ]
     assert "ETA" not in lines[-1]
 
 

@@ -33,8 +33,10 @@ def views(tmp_path_factory) -> dict[str, dict[str, float]]:
     evaluator = Evaluator(model, EvaluationSettings(n=500, seed=SEED), ArrayCache(tmp_path_factory.mktemp("cache")))
     independent, pixels = IndependentDigitsFeatures(), LowResolutionPixels(8)
     data = digits(16)[0]
-    references = {name: GaussianStats.of(extractor(data).numpy()) for name, extractor in
-                  (("independent_fid", independent), ("pixel_fid", pixels))}
+    references = {
+        name: GaussianStats.of(extractor(data).numpy())
+        for name, extractor in (("independent_fid", independent), ("pixel_fid", pixels))
+    }
     teacher_layers = independent.layers(evaluator.images(evaluator.teacher()))
 
     def score(schedule: SolverSchedule) -> dict[str, float]:
@@ -44,7 +46,9 @@ def views(tmp_path_factory) -> dict[str, dict[str, float]]:
         return {
             "fid": own["fid"],
             "teacher_distance": own["teacher_distance"],
-            "independent_fid": frechet_distance(GaussianStats.of(independent(images).numpy()), references["independent_fid"]),
+            "independent_fid": frechet_distance(
+                GaussianStats.of(independent(images).numpy()), references["independent_fid"]
+            ),
             "pixel_fid": frechet_distance(GaussianStats.of(pixels(images).numpy()), references["pixel_fid"]),
             "independent_teacher": float(perceptual_distance(independent.layers(images), teacher_layers).mean()),
         }
@@ -73,8 +77,10 @@ def degenerate_schedule() -> SolverSchedule:
 def test_the_proxy_ranks_the_presets_like_two_independent_views(views, proxy):
     """Kendall τ ≥ 0.7 over every default solver × grid at NFE 4–6 with at least two of the three views."""
     names = [name for name in views if name != "degenerate" and all(np.isfinite(list(views[name].values())))]
-    taus = {view: kendall_tau([views[n][proxy] for n in names], [views[n][view] for n in names])
-            for view in ("independent_fid", "pixel_fid", "independent_teacher")}
+    taus = {
+        view: kendall_tau([views[n][proxy] for n in names], [views[n][view] for n in names])
+        for view in ("independent_fid", "pixel_fid", "independent_teacher")
+    }
     assert sum(tau >= 0.7 for tau in taus.values()) >= 2, taus
 
 
@@ -85,4 +91,3 @@ def test_a_degenerate_schedule_loses_to_the_best_baseline(views, metric):
     at_five = sorted(values[metric] for name, values in views.items() if name.endswith("/nfe5"))
     best, fifth = at_five[0], at_five[4]
     assert views["degenerate"][metric] > best + (fifth - best), (views["degenerate"][metric], at_five[:5])
-

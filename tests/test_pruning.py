@@ -192,7 +192,7 @@ class OneBlock(nn.Module):
 def resnet_variants():
     from diffusers.models.resnet import ResnetBlock2D
 
-    common = dict(temb_channels=6, groups=2)
+    common = {"temb_channels": 6, "groups": 2}
     return {
         "shortcut": ResnetBlock2D(in_channels=4, out_channels=8, **common),
         "identity": ResnetBlock2D(in_channels=4, out_channels=4, **common),
@@ -228,13 +228,25 @@ def attention_variants():
     context = {"encoder_hidden_states": torch.randn(2, 3, CROSS_DIM)}
     # as in UNet2DModel's blocks, with the rescaling a mid_block_scale_factor of 2 gives
     unet2d = Attention(
-        8, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True, bias=True, rescale_output_factor=2.0,
+        8,
+        heads=2,
+        dim_head=4,
+        norm_num_groups=2,
+        residual_connection=True,
+        bias=True,
+        rescale_output_factor=2.0,
         _from_deprecated_attn_block=True,
     )
     # as in SimpleCrossAttn blocks: the processor adds the residual itself
     added_kv = Attention(
-        query_dim=8, cross_attention_dim=8, heads=2, dim_head=4, added_kv_proj_dim=CROSS_DIM, norm_num_groups=2,
-        bias=True, processor=AttnAddedKVProcessor2_0(),
+        query_dim=8,
+        cross_attention_dim=8,
+        heads=2,
+        dim_head=4,
+        added_kv_proj_dim=CROSS_DIM,
+        norm_num_groups=2,
+        bias=True,
+        processor=AttnAddedKVProcessor2_0(),
     )
     # as in CrossAttn blocks, which call it with return_dict=False
     transformer = Transformer2DModel(
@@ -361,8 +373,9 @@ def test_a_conditional_unet_needs_its_encoder_states_to_be_counted():
 
 
 def test_measure_latency_returns_seconds_per_sample(case):
-    seconds = measure_latency(case.unet, case.shape, skip=prunable_units(case.unet)[:2], batch=2, repeats=2,
-                              **case.dummy_kwargs())
+    seconds = measure_latency(
+        case.unet, case.shape, skip=prunable_units(case.unet)[:2], batch=2, repeats=2, **case.dummy_kwargs()
+    )
     assert 0 < seconds < 10
 
 
@@ -410,9 +423,11 @@ def test_concurrent_callers_each_get_their_own_skip_set(case):
 
 def test_unknown_unit_names_are_user_errors_naming_them_and_valid_units(case):
     message = r"'down_blocks\.9\.resnets\.0'.*valid units include down_blocks\.0\.resnets\.0"
-    with pytest.raises(SolversearchError, match=message):
-        with skipping(case.unet, ["down_blocks.1.resnets.0", "down_blocks.9.resnets.0"]):
-            pass
+    with (
+        pytest.raises(SolversearchError, match=message),
+        skipping(case.unet, ["down_blocks.1.resnets.0", "down_blocks.9.resnets.0"]),
+    ):
+        pass
     with pytest.raises(SolversearchError, match="not the string"), skipping(case.unet, "down_blocks.0.resnets.0"):
         pass
     assert torch.equal(case.run(), Case(copy.deepcopy(case.unet), bool(case.kwargs)).run())

@@ -267,7 +267,10 @@ def test_experiments_resolve_the_reference_against_their_folder_and_validate_it(
     for keyword in ("data", "model"):
         doc["metric"]["reference"] = keyword
         assert experiment_from_dict(doc, base=base).metric.reference == keyword
-    for change, words in (({"reference": 5}, "metric.reference"), ({"reference_n": 1}, "metric.reference_n"),
-                          ({"reference_n": "many"}, "metric.reference_n")):
+    for change, words in (
+        ({"reference": 5}, "metric.reference"),
+        ({"reference_n": 1}, "metric.reference_n"),
+        ({"reference_n": "many"}, "metric.reference_n"),
+    ):
         with pytest.raises(ExperimentError, match=words):
             experiment_from_dict({**doc, "metric": {**doc["metric"], **change}}, base=base)

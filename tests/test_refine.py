@@ -4,6 +4,7 @@ samples everywhere (our sampler, a diffusers loop)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -28,8 +29,9 @@ FRESH_SEEDS = (101, 102, 103)  # neither the refinement's seeds nor each other's
 
 
 def handle(denoiser, shape, spec="test") -> ModelHandle:
-    return ModelHandle(spec=spec, denoiser=denoiser, sample_shape=shape, fingerprint=spec, default_features="identity",
-                       data_range=None)
+    return ModelHandle(
+        spec=spec, denoiser=denoiser, sample_shape=shape, fingerprint=spec, default_features="identity", data_range=None
+    )
 
 
 # --- a single Gaussian: the optimum of the discretisation error by brute force -------------------
@@ -66,12 +68,18 @@ def test_on_a_single_gaussian_refinement_moves_the_times_to_the_optimum_of_the_d
     grid = np.linspace(lam0 + 0.05, lam_end, 40)
     candidates = [(population_error(model, a, b, exact), a, b) for a in grid for b in grid if b > a + 0.05]
     _, a0, b0 = min(candidates)
-    best = minimize(lambda p: population_error(model, p[0], p[1], exact) if lam0 < p[0] < p[1] else 1e9, [a0, b0],
-                    method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-12})
+    best = minimize(
+        lambda p: population_error(model, p[0], p[1], exact) if lam0 < p[0] < p[1] else 1e9,
+        [a0, b0],
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-12},
+    )
     optimum = best.x
 
     start = np.array([lam0 + 0.3, lam0 + 0.6])  # far from the optimum: both steps early
-    settings = RefineSettings(n=512, heldout_n=512, iterations=300, learning_rate=0.05, patience=300, learn_factors=False)
+    settings = RefineSettings(
+        n=512, heldout_n=512, iterations=300, learning_rate=0.05, patience=300, learn_factors=False
+    )
     result = refine(handle(model, (4,), "gaussian"), ddim_to_zero(*start), settings, cache=ArrayCache(tmp_path))
     learned = GAUSSIAN_NOISE.lambda_(np.array(result.schedule.timesteps[1:3]))
     assert np.linalg.norm(start - optimum) > 2.0
@@ -95,7 +103,9 @@ def test_on_the_exact_mixture_refinement_lowers_the_exact_fid_on_fresh_noise(pre
     assert result.best_iteration > 0 and not set(FRESH_SEEDS) & set(result.settings.seeds)
     before, after = [], []
     for seed in FRESH_SEEDS:
-        evaluator = Evaluator(mixture, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), ArrayCache(tmp_path))
+        evaluator = Evaluator(
+            mixture, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), ArrayCache(tmp_path)
+        )
         before.append(evaluator.evaluate(schedule).fid)
         after.append(evaluator.evaluate(result.schedule).fid)
     difference = paired_difference(after, before)
@@ -130,10 +140,12 @@ def test_on_a_flow_path_refining_euler_from_pure_noise_keeps_sigma_1_and_lowers_
     result = refine(mixture, schedule, RefineSettings(), cache=ArrayCache(tmp_path))
     times = result.schedule.timesteps
     assert result.best_iteration > 0 and times[0] == 1.0 and times[1:] != schedule.timesteps[1:]
-    assert all(np.isfinite(times)) and all(a > b for a, b in zip(times, times[1:]))
+    assert all(np.isfinite(times)) and all(a > b for a, b in itertools.pairwise(times))
     before, after = [], []
     for seed in FRESH_SEEDS:
-        evaluator = Evaluator(mixture, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), ArrayCache(tmp_path))
+        evaluator = Evaluator(
+            mixture, EvaluationSettings(n=1000, seed=seed, error_to_reference=False), ArrayCache(tmp_path)
+        )
         before.append(evaluator.evaluate(schedule).fid)
         after.append(evaluator.evaluate(result.schedule).fid)
     assert paired_difference(after, before).high < 0, (before, after)
@@ -175,18 +187,27 @@ def test_a_refined_schedule_round_trips_through_json_and_runs_in_a_diffusers_loo
 
 def test_a_schedule_that_diverges_cannot_be_refined(mixture, tmp_path):
     times = [1.0, 0.999, 0.998, 0.002]
-    exploding = SolverSchedule(timesteps=times, steps=(Step("noise"), Step.multistep(2, "noise", scaling="linear", linear_coefficient=1e30),
-                                                       Step.multistep(2, "noise")))
+    exploding = SolverSchedule(
+        timesteps=times,
+        steps=(
+            Step("noise"),
+            Step.multistep(2, "noise", scaling="linear", linear_coefficient=1e30),
+            Step.multistep(2, "noise"),
+        ),
+    )
     with pytest.raises(SolversearchError, match="diverges"):
         refine(mixture, exploding, RefineSettings(n=8, heldout_n=8, iterations=2), cache=ArrayCache(tmp_path))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"n": 0}, "n must be a positive integer"),
-    ({"learning_rate": -1.0}, "learning_rate"),
-    ({"seed": 5, "heldout_seed": 5}, "seeds must differ"),
-    ({"end_range": (0.01, 0.001)}, "end_range"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"n": 0}, "n must be a positive integer"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"seed": 5, "heldout_seed": 5}, "seeds must differ"),
+        ({"end_range": (0.01, 0.001)}, "end_range"),
+    ],
+)
 def test_bad_refinement_settings_are_user_errors(bad, message):
     with pytest.raises(SolversearchError, match=message):
         RefineSettings(**bad)
@@ -197,13 +218,37 @@ def test_the_refine_command_writes_a_refined_schedule_or_fails_cleanly(tmp_path,
 
     monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "refined.json"
-    assert main(["refine", "--model", "gmm:digits", "--schedule", "ddim/logsnr", "--nfe", "4", "--out", str(out),
-                 "--iterations", "3", "--n", "16", "--heldout-n", "16"]) == 0
+    assert (
+        main(
+            [
+                "refine",
+                "--model",
+                "gmm:digits",
+                "--schedule",
+                "ddim/logsnr",
+                "--nfe",
+                "4",
+                "--out",
+                str(out),
+                "--iterations",
+                "3",
+                "--n",
+                "16",
+                "--heldout-n",
+                "16",
+            ]
+        )
+        == 0
+    )
     refined = load_schedule(out)
     assert refined.nfe == 4 and refined.provenance["refinement"]["iterations"] >= 1
     assert "held-out teacher distance" in capsys.readouterr().out
-    for bad in (["--schedule", "nope"], ["--schedule", "ddim", "--out", str(tmp_path / "missing" / "x.json")],
-                ["--schedule", "ddim", "--learning-rate", "0"], ["--schedule", "study:2", "--storage", f"sqlite:///{tmp_path}/none.db"]):
+    for bad in (
+        ["--schedule", "nope"],
+        ["--schedule", "ddim", "--out", str(tmp_path / "missing" / "x.json")],
+        ["--schedule", "ddim", "--learning-rate", "0"],
+        ["--schedule", "study:2", "--storage", f"sqlite:///{tmp_path}/none.db"],
+    ):
         arguments = ["refine", "--model", "gmm:digits", "--out", str(tmp_path / "bad.json"), *bad]
         assert main(arguments) == 2, bad
         assert not (tmp_path / "bad.json").exists()

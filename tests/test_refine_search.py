@@ -22,8 +22,16 @@ from solversearch.search.trainable import refinement_result, trial_result
 REPO = Path(__file__).resolve().parents[1]
 USF = load_space(REPO / "search_spaces" / "usf.yaml")
 REFINE = {"n": 32, "heldout_n": 32, "iterations": 8, "patience": 8}
-HYBRID = {"k": 3, "pool": 64, "population": 8, "stage0_presets": ["ddim", "dpmpp_2m"], "stage0_grids": ["logsnr"],
-          "stage0_mutants": 1, "refine_top": 1, "refine": REFINE}
+HYBRID = {
+    "k": 3,
+    "pool": 64,
+    "population": 8,
+    "stage0_presets": ["ddim", "dpmpp_2m"],
+    "stage0_grids": ["logsnr"],
+    "stage0_mutants": 1,
+    "refine_top": 1,
+    "refine": REFINE,
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +41,17 @@ def evaluator(tmp_path_factory):
 
 
 def run(evaluator, budget, history=(), settings=HYBRID, algorithm="s3_refine"):
-    searcher = make_searcher(algorithm, USF, 5, evaluator.model.noise_schedule, settings=settings, seed=0, history=history)
+    searcher = make_searcher(
+        algorithm, USF, 5, evaluator.model.noise_schedule, settings=settings, seed=0, history=history
+    )
     trials = []
-    drive(searcher, lambda schedule: trial_result(evaluator, schedule), budget,
-          on_result=lambda config, result: trials.append((config, result)),
-          refine=lambda schedule, refine: refinement_result(evaluator, schedule, refine))
+    drive(
+        searcher,
+        lambda schedule: trial_result(evaluator, schedule),
+        budget,
+        on_result=lambda config, result: trials.append((config, result)),
+        refine=lambda schedule, refine: refinement_result(evaluator, schedule, refine),
+    )
     return searcher, trials
 
 
@@ -57,7 +71,10 @@ def test_the_hybrid_refines_each_generations_best_once(evaluator):
     refined = [o for o in searcher.observations if is_refinement(o.key)]
     assert len(refined) == 2 and all("refinement" in o.schedule.provenance for o in refined)
     parent = next(o for o in searcher.observations if refinement_key(o.key) == refined[0].key)
-    assert refined[0].schedule.steps[0] == parent.schedule.steps[0] and refined[0].schedule.timesteps != parent.schedule.timesteps
+    assert (
+        refined[0].schedule.steps[0] == parent.schedule.steps[0]
+        and refined[0].schedule.timesteps != parent.schedule.timesteps
+    )
     assert refined[0].value < parent.value  # on the search's own noise: refinement learned on other noise
 
 
@@ -71,22 +88,34 @@ def test_a_hybrid_rebuilt_from_its_results_continues_like_an_uninterrupted_one(e
 
 
 def test_the_refine_algorithm_refines_the_best_schedule_of_the_study_or_the_presets_it_is_given(evaluator):
-    pool, _ = run(evaluator, 2, settings={"stage0_presets": ["ddim", "dpmpp_2m"], "stage0_grids": ["logsnr"], "stage0_mutants": 0},
-                  algorithm="evolution")
+    pool, _ = run(
+        evaluator,
+        2,
+        settings={"stage0_presets": ["ddim", "dpmpp_2m"], "stage0_grids": ["logsnr"], "stage0_mutants": 0},
+        algorithm="evolution",
+    )
     best = min(pool.observations, key=lambda o: o.value)
     _, trials = run(evaluator, 5, history=pool.observations, settings={"refine": REFINE}, algorithm="refine")
     assert [c["key"] for c, _ in trials] == [refinement_key(best.key)]  # one trial, then finished
-    _, trials = run(evaluator, 5, settings={"presets": ["ddim/logsnr", "dpmpp_2m/time_uniform"], "refine": REFINE}, algorithm="refine")
+    _, trials = run(
+        evaluator,
+        5,
+        settings={"presets": ["ddim/logsnr", "dpmpp_2m/time_uniform"], "refine": REFINE},
+        algorithm="refine",
+    )
     assert len(trials) == 2 and all(is_refinement(c["key"]) for c, _ in trials)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"refine": {"bogus": 1}}, "bad settings"),
-    ({"refine": {"device": "cuda"}}, "device"),
-    ({"refine": {"n": 0}}, "positive integer"),
-    ({"refine_top": 0}, "refine_top"),
-    ({"refine": [1, 2]}, "mapping"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"refine": {"bogus": 1}}, "bad settings"),
+        ({"refine": {"device": "cuda"}}, "device"),
+        ({"refine": {"n": 0}}, "positive integer"),
+        ({"refine_top": 0}, "refine_top"),
+        ({"refine": [1, 2]}, "mapping"),
+    ],
+)
 def test_bad_refinement_settings_are_user_errors(settings, message, evaluator):
     with pytest.raises(SolversearchError, match=message):
         make_searcher("s3_refine", USF, 5, evaluator.model.noise_schedule, settings=settings)

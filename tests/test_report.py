@@ -21,9 +21,19 @@ NOISE = DiscreteVP.from_diffusers_config({})
 
 
 def stored(number: int, fid: float, schedule, stage: int = 1) -> StoredEvaluation:
-    return StoredEvaluation(number=number, schedule=schedule, key=str(number), values=(fid,), metrics={"fid": fid},
-                            diverged=False, stage=stage, algorithm="autodiffusion", cost={"nfe": schedule.nfe},
-                            n=500, seed=0)
+    return StoredEvaluation(
+        number=number,
+        schedule=schedule,
+        key=str(number),
+        values=(fid,),
+        metrics={"fid": fid},
+        diverged=False,
+        stage=stage,
+        algorithm="autodiffusion",
+        cost={"nfe": schedule.nfe},
+        n=500,
+        seed=0,
+    )
 
 
 def test_a_search_that_pruned_reports_its_best_pruned_schedule_beside_its_winner(tmp_path):
@@ -32,8 +42,12 @@ def test_a_search_that_pruned_reports_its_best_pruned_schedule_beside_its_winner
     base = replace(presets.build("dpmpp_2m", NOISE, 5, "logsnr"), name="")
     pruned = replace(base, steps=(replace(base.steps[0], skip=("mid_block.resnets.0",)), *base.steps[1:]))
     baseline = presets.build("ddim", NOISE, 5, "logsnr")  # named "ddim/logsnr/nfe5" by build
-    history = [stored(0, 0.9, baseline, stage=0), stored(1, 0.5, unpruned), stored(2, 0.6, pruned),
-               stored(3, float("inf"), pruned)]
+    history = [
+        stored(0, 0.9, baseline, stage=0),
+        stored(1, 0.5, unpruned),
+        stored(2, 0.6, pruned),
+        stored(3, float("inf"), pruned),
+    ]
     rows = {row.label: row.stored.number for row in final_report(experiment, None, history, validate=False).rows}
     assert rows == {"searched": 1, "best pruned": 2, "best baseline": 0}
 
@@ -99,9 +113,11 @@ def test_the_winner_is_compared_with_the_best_baseline_paired_over_the_validatio
     experiment = replace(load_experiment(REPO / "experiments" / "digits.yaml"), compare=())
     searched = replace(presets.build("dpmpp_2m", NOISE, 5, "time_quadratic"), name="searched")
     FakeEvaluator.table = {"searched": 0.3, "ddim/logsnr/nfe5": 0.5, "unipc_2_bh2/logsnr/nfe5": 0.7}
-    history = [stored(0, 0.5, presets.build("ddim", NOISE, 5, "logsnr"), stage=0),
-               stored(1, 0.4, presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), stage=0),
-               stored(2, 0.3, searched)]
+    history = [
+        stored(0, 0.5, presets.build("ddim", NOISE, 5, "logsnr"), stage=0),
+        stored(1, 0.4, presets.build("unipc_2_bh2", NOISE, 5, "logsnr"), stage=0),
+        stored(2, 0.3, searched),
+    ]
     result = final_report(experiment, None, history, validate=True)
     assert result.row("best baseline").stored.number == 0  # picked on the selection seed, not the search's
     fid = result.comparisons["fid"]
@@ -112,4 +128,6 @@ def test_the_winner_is_compared_with_the_best_baseline_paired_over_the_validatio
     assert result.excess_left("fid") == pytest.approx(0.3 / 0.5)
     record = result.comparison_record()
     assert record["against"] == "ddim/logsnr/nfe5" and record["validation_seeds"] == list(experiment.validation_seeds)
-    assert record["metrics"]["fid"]["verdict"] == "better" and record["metrics"]["fid"]["excess_left"] == pytest.approx(0.6)
+    assert record["metrics"]["fid"]["verdict"] == "better" and record["metrics"]["fid"]["excess_left"] == pytest.approx(
+        0.6
+    )

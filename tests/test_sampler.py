@@ -38,7 +38,9 @@ class PointMass(torch.nn.Module):
 
 def exact_point_mass(noise, x_T, t_start, t_end):
     """x_t = α_t μ + (σ_t/σ_s)(x_s − α_s μ)."""
-    a_s, s_s, a_t, s_t = (float(v) for v in (noise.alpha(t_start), noise.sigma(t_start), noise.alpha(t_end), noise.sigma(t_end)))
+    a_s, s_s, a_t, s_t = (
+        float(v) for v in (noise.alpha(t_start), noise.sigma(t_start), noise.alpha(t_end), noise.sigma(t_end))
+    )
     return a_t * MU + (s_t / s_s) * (x_T - a_s * MU)
 
 
@@ -154,7 +156,9 @@ def test_phi_functions_match_their_integral_definition(k):
     from scipy.integrate import quad
 
     for z in (-30.0, -4.0, -1.0, -0.999, -1e-3, -1e-9, 0.0, 1e-9, 1e-3, 0.5, 1.0, 6.0):
-        expected, _ = quad(lambda u: np.exp((1 - u) * z) * u ** (k - 1) / factorial(k - 1), 0, 1, epsabs=0, epsrel=1e-13)
+        expected, _ = quad(
+            lambda u, z=z: np.exp((1 - u) * z) * u ** (k - 1) / factorial(k - 1), 0, 1, epsabs=0, epsrel=1e-13
+        )
         assert phi(k, z) == pytest.approx(expected, rel=1e-12)
 
 

@@ -140,8 +140,11 @@ def test_json_round_trip_is_lossless_and_schema_valid(schedule):
     assert again.decisions_key() == schedule.decisions_key()
 
 
-@pytest.mark.parametrize("noise", [RectifiedFlow(shift=3.0), RectifiedFlow(use_dynamic_shifting=True, mu=0.8), KarrasVE()],
-                         ids=["flow", "flow-dynamic", "edm"])
+@pytest.mark.parametrize(
+    "noise",
+    [RectifiedFlow(shift=3.0), RectifiedFlow(use_dynamic_shifting=True, mu=0.8), KarrasVE()],
+    ids=["flow", "flow-dynamic", "edm"],
+)
 def test_a_schedule_for_a_flow_or_edm_path_round_trips_with_its_noise_schedule(noise, tmp_path):
     schedule = presets.build("dpmpp_2m", noise, 5, "logsnr").with_metadata(noise_schedule=noise.to_dict())
     again = load_schedule(schedule.save(tmp_path / "s.json"))

@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_hybrid_on_the_exact_mixture_beats_the_best_baseline_on_fresh_noise(nfe, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     base = load_experiment(REPO / "experiments" / "gmm_digits.yaml")
-    experiment = replace(base.override(nfe=nfe, storage_url=f"sqlite:///{tmp_path / 'gmm.db'}"), algorithm="s3_refine",
-                         algorithm_settings={**base.algorithm_settings, "refine_top": 1},
-                         metric=replace(base.metric, name="teacher_distance"))
+    experiment = replace(
+        base.override(nfe=nfe, storage_url=f"sqlite:///{tmp_path / 'gmm.db'}"),
+        algorithm="s3_refine",
+        algorithm_settings={**base.algorithm_settings, "refine_top": 1},
+        metric=replace(base.metric, name="teacher_distance"),
+    )
     outcome = run_search(experiment, export_dir=tmp_path)
     report = outcome.report
     searched, baseline = report.row(SEARCHED), report.row(BEST_BASELINE)

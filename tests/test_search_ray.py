@@ -43,7 +43,12 @@ def small_experiment(storage_url: str, study: str, budget: int = 6):
     return replace(
         base.override(budget=budget, storage_url=storage_url, study=study, algorithm="evolution"),
         metric=replace(base.metric, n=200, batch_size=200),
-        algorithm_settings={"k": 3, "stage0_presets": ["ddim", "dpmpp_2m", "unipc_2_bh2"], "stage0_grids": ["logsnr"], "stage0_mutants": 1},
+        algorithm_settings={
+            "k": 3,
+            "stage0_presets": ["ddim", "dpmpp_2m", "unipc_2_bh2"],
+            "stage0_grids": ["logsnr"],
+            "stage0_mutants": 1,
+        },
         baselines=SMALL_POOL,
     )
 
@@ -108,8 +113,11 @@ def test_a_refinement_trial_stores_the_refined_schedule_with_its_parent_and_cost
     teachers); the study stores the refined schedule under its parent's refinement key, with the
     refinement's losses and cost, and it scores better than its parent on the search's noise."""
     url = f"sqlite:///{tmp_path / 'refine.db'}"
-    experiment = replace(small_experiment(url, "refined", budget=1), algorithm="refine",
-                         algorithm_settings={"refine": {"n": 32, "heldout_n": 32, "iterations": 10}})
+    experiment = replace(
+        small_experiment(url, "refined", budget=1),
+        algorithm="refine",
+        algorithm_settings={"refine": {"n": 32, "heldout_n": 32, "iterations": 10}},
+    )
     outcome = run_search(experiment, validate=False, export_dir=tmp_path)
     history = open_existing(url, "refined").history()
     refined = [e for e in history if e.refinement]
@@ -128,11 +136,14 @@ def outcome_model(experiment):
     return load_model(experiment.model)
 
 
-@pytest.mark.parametrize("stop", [
-    "kill",
-    pytest.param("ctrl-c", marks=pytest.mark.slow),
-    pytest.param("term", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "stop",
+    [
+        "kill",
+        pytest.param("ctrl-c", marks=pytest.mark.slow),
+        pytest.param("term", marks=pytest.mark.slow),
+    ],
+)
 def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop, tmp_path):
     """A real `solversearch search` process is stopped once it has recorded three searched trials —
     SIGKILLed with its Ray processes (mid-trial or between trials), or Ctrl+C (SIGINT to its process
@@ -146,13 +157,29 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop,
         + f"\nbaselines: {SMALL_POOL}\n"
     )
     command = [
-        sys.executable, "-m", "solversearch.cli", "search", str(experiment), "--budget", "20", "--algorithm", "random",
-        "--storage", f"sqlite:///{db}", "--study", "killed", "--no-validation", "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "solversearch.cli",
+        "search",
+        str(experiment),
+        "--budget",
+        "20",
+        "--algorithm",
+        "random",
+        "--storage",
+        f"sqlite:///{db}",
+        "--study",
+        "killed",
+        "--no-validation",
+        "--out",
+        str(tmp_path),
     ]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     log = tmp_path / "first-run.log"
     with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.time() + 240
     recorded = 0
     while time.time() < deadline and process.poll() is None:
@@ -164,7 +191,9 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop,
                 recorded = 0
             if recorded >= 3:
                 break
-    assert recorded >= 3, f"the search did not record three trials in time (exit {process.poll()}):\n{log.read_text()[-3000:]}"
+    assert recorded >= 3, (
+        f"the search did not record three trials in time (exit {process.poll()}):\n{log.read_text()[-3000:]}"
+    )
     if stop == "kill":
         os.killpg(process.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-search
         process.wait()
@@ -176,10 +205,12 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop,
         assert process.wait(timeout=120) == (130 if stop == "ctrl-c" else 143), log.read_text()[-3000:]
         output = log.read_text()
         assert "evaluations kept — run the same command again to resume" in output, output[-3000:]
-        assert "Tuner.restore" not in output and " searched; " not in output and "Traceback" not in output, output[-3000:]  # no report
+        assert "Tuner.restore" not in output and " searched; " not in output and "Traceback" not in output, output[
+            -3000:
+        ]  # no report
     before = {e.key for e in searched(open_existing(f"sqlite:///{db}", "killed").history())}
     assert 3 <= len(before) < 20
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     after = open_existing(f"sqlite:///{db}", "killed").history()
     keys = [e.key for e in searched(after)]
@@ -187,11 +218,14 @@ def test_a_search_killed_between_trials_resumes_without_loss_or_repetition(stop,
     assert len(after) == 22 and len({e.key for e in after}) == 22  # and the 2 baselines, once
 
 
-@pytest.mark.parametrize("algorithm, settings, words", [
-    ("evolution", {"kk": 8}, "bad settings"),
-    ("s3_refine", {"refine_top": 0}, "refine_top"),
-    ("refine", {"presets": ["ddim/logsnr"], "top": 0}, "top"),
-])
+@pytest.mark.parametrize(
+    "algorithm, settings, words",
+    [
+        ("evolution", {"kk": 8}, "bad settings"),
+        ("s3_refine", {"refine_top": 0}, "refine_top"),
+        ("refine", {"presets": ["ddim/logsnr"], "top": 0}, "top"),
+    ],
+)
 def test_a_search_refused_for_its_algorithm_settings_leaves_no_study_behind(algorithm, settings, words, tmp_path):
     """The settings are checked before the study is created (no Ray needed: nothing gets that far)."""
     url = f"sqlite:///{tmp_path / 'refused.db'}"
@@ -210,11 +244,21 @@ def searched(history):
 def test_the_same_command_gives_the_same_study_whatever_the_order_trials_finish(ray_session, tmp_path):
     """Two s3 searches with two concurrent trials (so the order in which trials finish varies) and the same
     seeds store the same schedules with the same values."""
+
     def history(name: str):
         url = f"sqlite:///{tmp_path / name}.db"
-        experiment = replace(small_experiment(url, "same", budget=14), algorithm="s3", algorithm_settings={
-            "k": 4, "pool": 200, "population": 16, "stage0_presets": ["ddim", "dpmpp_2m", "unipc_2_bh2"],
-            "stage0_grids": ["logsnr", "time_uniform"], "stage0_mutants": 2})
+        experiment = replace(
+            small_experiment(url, "same", budget=14),
+            algorithm="s3",
+            algorithm_settings={
+                "k": 4,
+                "pool": 200,
+                "population": 16,
+                "stage0_presets": ["ddim", "dpmpp_2m", "unipc_2_bh2"],
+                "stage0_grids": ["logsnr", "time_uniform"],
+                "stage0_mutants": 2,
+            },
+        )
         run_search(experiment, validate=False, export_dir=tmp_path)
         return sorted((e.stage, e.key, e.values, e.algorithm) for e in open_existing(url, "same").history())
 
@@ -232,8 +276,13 @@ def test_references_and_teachers_are_built_once_by_the_driver(ray_session, tmp_p
     monkeypatch.setenv("SOLVERSEARCH_CACHE", str(cache))
     url = f"sqlite:///{tmp_path / 'once.db'}"
     base = small_experiment(url, "once", budget=4)
-    experiment = replace(base, metric=replace(base.metric, reference="model", reference_n=300),
-                         validation_count=2, validation_factor=1, validation_top=2)
+    experiment = replace(
+        base,
+        metric=replace(base.metric, reference="model", reference_n=300),
+        validation_count=2,
+        validation_factor=1,
+        validation_top=2,
+    )
     outcome = run_search(experiment, export_dir=tmp_path)
     builds = ArrayCache(cache).builds()
     assert sorted(b["kind"] for b in builds) == ["reference"] + ["teacher"] * (1 + 1 + 2)

@@ -72,7 +72,10 @@ def test_unreadable_space_file_is_a_user_error(tmp_path):
 def test_random_mutation_and_crossover_always_stay_valid_and_in_space(seed, nfe, space):
     ops = Operators(space, nfe, NOISE)
     rng = np.random.default_rng(seed)
-    population = [ops.random(rng) for _ in range(4)] + [ops.from_grid("logsnr", rng), ops.project(presets.build("dpmpp_3m", NOISE, nfe, "trailing"))]
+    population = [ops.random(rng) for _ in range(4)] + [
+        ops.from_grid("logsnr", rng),
+        ops.project(presets.build("dpmpp_3m", NOISE, nfe, "trailing")),
+    ]
     for _ in range(40):
         a, b = (population[int(i)] for i in rng.integers(len(population), size=2))
         child = ops.mutate(a, rng, strength=int(rng.integers(1, 4))) if rng.random() < 0.6 else ops.crossover(a, b, rng)
@@ -131,7 +134,12 @@ def test_repair_caps_orders_and_drops_the_last_corrector():
 
     ops = Operators(USF, 4, NOISE)
     times = ops.from_grid("logsnr").timesteps
-    wild = [Step.multistep(1), Step.multistep(2, corrector="unic"), Step.multistep(3, corrector="unic"), Step.multistep(1, corrector="unic", scaling="bh2")]
+    wild = [
+        Step.multistep(1),
+        Step.multistep(2, corrector="unic"),
+        Step.multistep(3, corrector="unic"),
+        Step.multistep(1, corrector="unic", scaling="bh2"),
+    ]
     repaired = ops.repair(times, wild, "model")
     assert [s.order for s in repaired.steps] == [1, 2, 3, 1]
     assert repaired.steps[-1].corrector == "none" and repaired.steps[-1].scaling == "none"

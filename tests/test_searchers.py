@@ -113,7 +113,12 @@ def test_s3_improves_on_its_stage_zero():
 def test_nsga2_searches_several_budgets_for_two_objectives():
     s = make_searcher("nsga2", USF, (4, 6, 8), NOISE, metric=["fid", "nfe"], seed=0)
     seen = []
-    drive(s, synthetic_metric, 24, on_result=lambda config, result: seen.append(SolverSchedule.from_dict(config["schedule"]).nfe))
+    drive(
+        s,
+        synthetic_metric,
+        24,
+        on_result=lambda config, result: seen.append(SolverSchedule.from_dict(config["schedule"]).nfe),
+    )
     assert set(seen) <= {4, 6, 8} and len(set(seen)) > 1
 
 
@@ -185,7 +190,10 @@ def triples(observations):
 # and 4 mutants. s3's boosted-trees predictor ("gbr") plans a stage in about a second; the ranking
 # predictor is planned from the same canonical data and seeds, only slower.
 DETERMINISM = {
-    "s3": ({"k": 6, "pool": 120, "population": 24, "stage0_mutants": 4, "stage0_grids": ["logsnr"], "predictor": "gbr"}, 34),
+    "s3": (
+        {"k": 6, "pool": 120, "population": 24, "stage0_mutants": 4, "stage0_grids": ["logsnr"], "predictor": "gbr"},
+        34,
+    ),
     "evolution": ({"k": 6, "stage0_mutants": 4, "stage0_grids": ["logsnr"]}, 40),
     "random": (None, 70),
 }
@@ -240,7 +248,9 @@ def test_the_baseline_pool_is_learnt_from_but_is_neither_re_proposed_nor_a_gener
     assert sum(1 for stage, _, _ in reference if stage == 0) == 5 + 4  # the 5 presets left, then 4 mutants
     assert {stage for stage, _, _ in reference} >= {0, 1, 2}
     for concurrency, order_seed in CONCURRENCY_AND_ORDER[::2]:
-        got = drive_concurrently(determinism_searcher(algorithm, history=pool), synthetic_metric, budget, concurrency, order_seed)
+        got = drive_concurrently(
+            determinism_searcher(algorithm, history=pool), synthetic_metric, budget, concurrency, order_seed
+        )
         assert got == reference, (concurrency, order_seed)
 
 
@@ -255,9 +265,16 @@ def warm_start_file(path, nfe=5, noise=NOISE, name="searched-elsewhere"):
     times = [float(t) for t in NOISE.t_of_lambda(TARGET)]
     if nfe != 5:
         times = [float(t) for t in np.linspace(1.0, 1e-3, nfe + 1)]
-    schedule = PRESETS["dpmpp_3m"].build(times).with_metadata(
-        name=name, noise_schedule=noise.to_dict(), model_fingerprint="0123456789abcdef",
-        metrics={"fid": 0.5}, provenance={"study": "elsewhere-nfe5"},
+    schedule = (
+        PRESETS["dpmpp_3m"]
+        .build(times)
+        .with_metadata(
+            name=name,
+            noise_schedule=noise.to_dict(),
+            model_fingerprint="0123456789abcdef",
+            metrics={"fid": 0.5},
+            provenance={"study": "elsewhere-nfe5"},
+        )
     )
     return schedule.save(path)
 
@@ -302,8 +319,13 @@ def test_a_warm_started_search_stopped_in_stage_zero_resumes_to_the_same_study(t
         (lambda path: path.write_text('{"format": "solversearch.schedule/v1", "nfe": 5') and path, "not valid JSON"),
         (lambda path: warm_start_file(path, nfe=4), "has NFE 4, the search NFE 5"),
         (lambda path: warm_start_file(path, noise=RectifiedFlow()), "rectified-flow path"),
-        (lambda path: path.write_text(json.dumps({**json.loads(warm_start_file(path).read_text()), "noise_schedule": None}))
-         and path, "no noise_schedule metadata"),
+        (
+            lambda path: (
+                path.write_text(json.dumps({**json.loads(warm_start_file(path).read_text()), "noise_schedule": None}))
+                and path
+            ),
+            "no noise_schedule metadata",
+        ),
     ],
     ids=["missing", "malformed", "other-nfe", "other-family", "no-noise-metadata"],
 )

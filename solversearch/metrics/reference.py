@@ -55,7 +55,9 @@ class ArrayCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
         return self.directory / f"{key.get('kind', 'entry')}-{digest}.npz"
 
-    def get_or_compute(self, key: Mapping[str, Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def get_or_compute(
+        self, key: Mapping[str, Any], compute: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
         path = self.path_for(key)
         if path.exists():
             try:
@@ -68,8 +70,12 @@ class ArrayCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             np.savez(tmp, _key=np.array(json.dumps(key, sort_keys=True, default=str)), **arrays)
-        entry = {"kind": key.get("kind", "entry"), "file": path.name, "pid": os.getpid(),
-                 "seconds": round(time.perf_counter() - started, 3)}
+        entry = {
+            "kind": key.get("kind", "entry"),
+            "file": path.name,
+            "pid": os.getpid(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         with open(self.directory / self.BUILD_LOG, "a") as log:  # one short line per build: appends don't interleave
             log.write(json.dumps(entry) + "\n")
         return arrays

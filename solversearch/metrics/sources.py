@@ -73,7 +73,7 @@ def read_images(path: str | Path, channels: int) -> ImageSet:
     kind, arrays = _read_npz(path)
     if kind == "statistics":
         raise SolversearchError(f"{path} holds statistics (mu, sigma), not images")
-    (key, array), = arrays.items()
+    ((key, array),) = arrays.items()
     return _image_array(path, key, array, channels)
 
 
@@ -155,7 +155,10 @@ def reference_from_path(
         if len(images) <= dimension:
             logger.warning(
                 "%s: %d images for %d feature dimensions: their covariance is singular and the FID biased; "
-                "use more images or a dataset's statistics", path, len(images), dimension,
+                "use more images or a dataset's statistics",
+                path,
+                len(images),
+                dimension,
             )
         return np.concatenate([features(batch) for batch in images.batches()])
 
@@ -333,7 +336,7 @@ def _to_float(pixels: np.ndarray, channels: int) -> np.ndarray:
             r, g, b = (pixels[:, i].astype(np.uint32) for i in range(3))
             pixels = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
         else:
-            pixels = (0.299 * pixels[:, :1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3])
+            pixels = 0.299 * pixels[:, :1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3]
     if pixels.dtype == np.uint8:
         images = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     else:

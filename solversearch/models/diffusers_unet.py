@@ -43,7 +43,9 @@ class UNetDenoiser(torch.nn.Module):
                 "predict the velocity (flow_prediction), other models ε, v or x₀"
             )
         if noise_schedule.family == "edm" and prediction_type not in ("epsilon", "v_prediction"):
-            raise SolversearchError(f"an EDM model's prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+            raise SolversearchError(
+                f"an EDM model's prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
+            )
         self.unet = unet
         self.noise_schedule = noise_schedule
         self.prediction_type = prediction_type
@@ -82,7 +84,9 @@ class UNetDenoiser(torch.nn.Module):
         size = unet.config.sample_size
         sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
         if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
-            raise SolversearchError(f"{config_path}: sample_size must be a positive integer or [height, width], got {size!r}")
+            raise SolversearchError(
+                f"{config_path}: sample_size must be a positive integer or [height, width], got {size!r}"
+            )
         noise = noise_schedule_from_diffusers_config(scheduler_config)
         default_prediction = "flow_prediction" if noise.family == "flow" else "epsilon"
         prediction_type = scheduler_config.get("prediction_type", default_prediction)
@@ -159,7 +163,9 @@ class UNetDenoiser(torch.nn.Module):
         if self.guidance_scale == 1.0:
             return self._predict(x, t, conditioning, target)
         if negative is None:
-            raise SolversearchError("guidance_scale ≠ 1 needs negative_encoder_hidden_states (the unconditional embedding)")
+            raise SolversearchError(
+                "guidance_scale ≠ 1 needs negative_encoder_hidden_states (the unconditional embedding)"
+            )
         positive = conditioning.pop("encoder_hidden_states")
         both = dict(conditioning, encoder_hidden_states=torch.cat([negative, positive]))
         uncond, cond = self._predict(torch.cat([x, x]), torch.cat([t, t]), both, target).chunk(2)

@@ -81,13 +81,13 @@ def _unit_modules(unet: nn.Module) -> dict[str, nn.Module]:
         # run resnet 0, then attention i and resnet i + 1.
         if is_mid:
             order = [("resnets", 0)] + [
-                pair for i in range(max(len(attentions), len(resnets) - 1))
+                pair
+                for i in range(max(len(attentions), len(resnets) - 1))
                 for pair in (("attentions", i), ("resnets", i + 1))
             ]
         else:
             order = [
-                pair for i in range(max(len(resnets), len(attentions)))
-                for pair in (("resnets", i), ("attentions", i))
+                pair for i in range(max(len(resnets), len(attentions))) for pair in (("resnets", i), ("attentions", i))
             ]
         for kind, i in order:
             members = resnets if kind == "resnets" else attentions
@@ -97,7 +97,7 @@ def _unit_modules(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 def _unit_kind(module: nn.Module | None) -> str | None:
-    """"resnet", "attention", "transformer", or None when the module is not a prunable unit."""
+    """ "resnet", "attention", "transformer", or None when the module is not a prunable unit."""
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -313,7 +313,8 @@ def _forward_inputs(model: nn.Module, sample_shape: tuple[int, ...], batch: int,
     kwargs = dict(forward_kwargs)
     signature = inspect.signature(model.forward)
     required = [
-        p.name for p in list(signature.parameters.values())[1:]
+        p.name
+        for p in list(signature.parameters.values())[1:]
         if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     if "timestep" in required and "timestep" not in kwargs:
@@ -342,7 +343,7 @@ def _counted_forward(
     tally = _Tally()
     token = _TALLY.set(tally)
     try:
-        with torch.no_grad(), (skipping(model, skip) if skip else nullcontext()):
+        with torch.no_grad(), skipping(model, skip) if skip else nullcontext():
             model(x, **kwargs)
     finally:
         _TALLY.reset(token)
@@ -380,7 +381,8 @@ def unit_costs(unet: nn.Module, sample_shape: tuple[int, ...], **forward_kwargs:
     for name in units:
         kept = [f"{name}.{part}" for part in ("conv_shortcut", "upsample", "downsample")]
         shares[name] = sum(
-            macs for path, macs in tally.by_module.items()
+            macs
+            for path, macs in tally.by_module.items()
             if inside(path, name) and not any(inside(path, k) for k in kept)
         )
     return UnitCosts(full=tally.total, units=shares)
@@ -416,7 +418,7 @@ def measure_latency(
 
     skip = list(skip)
     times = []
-    with torch.no_grad(), (skipping(unet, skip) if skip else nullcontext()):
+    with torch.no_grad(), skipping(unet, skip) if skip else nullcontext():
         for i in range(repeats + 1):
             sync()
             start = time.perf_counter()

@@ -69,7 +69,9 @@ def _gmm_digits() -> ModelHandle:
     def exact() -> tuple[np.ndarray, np.ndarray]:
         weights = model.log_weights.exp().numpy()
         means = model.means.numpy()
-        covs = np.einsum("kde,ke,kfe->kdf", model.eigenvectors.numpy(), model.eigenvalues.numpy(), model.eigenvectors.numpy())
+        covs = np.einsum(
+            "kde,ke,kfe->kdf", model.eigenvectors.numpy(), model.eigenvalues.numpy(), model.eigenvectors.numpy()
+        )
         mean = weights @ means
         second = np.einsum("k,kde->de", weights, covs + np.einsum("kd,ke->kde", means, means))
         return mean, second - np.outer(mean, mean)

@@ -51,9 +51,13 @@ class AutoDiffusionSearcher(ScheduleSearcher):
         **kwargs: Any,
     ):
         if not isinstance(noise, DiscreteVP):
-            raise SolversearchError("autodiffusion searches integer training timesteps: it needs a discrete (diffusers) model")
+            raise SolversearchError(
+                "autodiffusion searches integer training timesteps: it needs a discrete (diffusers) model"
+            )
         if space.solver is None:
-            raise SolversearchError("autodiffusion needs a space with a fixed solver (e.g. search_spaces/autodiffusion.yaml)")
+            raise SolversearchError(
+                "autodiffusion needs a space with a fixed solver (e.g. search_spaces/autodiffusion.yaml)"
+            )
         if costs is None:
             raise SolversearchError("autodiffusion needs the model's per-unit MACs (a diffusers UNet)")
         units = tuple(space.skip.units or costs.units) if space.skip else ()
@@ -243,4 +247,3 @@ class AutoDiffusionSearcher(ScheduleSearcher):
             return steps, skips
         new = (bounds[i] + bounds[i + 1]) // 2 if bounds[i + 1] >= 0 else bounds[i] // 2
         return [*steps[: i + 1], new, *steps[i + 1 :]], [*skips[: i + 1], [], *skips[i + 1 :]]
-

@@ -27,15 +27,18 @@ from .space import SearchSpace
 ALGORITHM = "baselines"
 
 
-def preset_grid_pairs(noise: NoiseSchedule, presets: Sequence[str] | str = "all",
-                      grids: Sequence[str] | str = "all") -> list[tuple[str, str]]:
+def preset_grid_pairs(
+    noise: NoiseSchedule, presets: Sequence[str] | str = "all", grids: Sequence[str] | str = "all"
+) -> list[tuple[str, str]]:
     """Every chosen (preset, grid) that exists on this noise schedule ("all": every one there is)."""
     presets = list(PRESETS) if presets == "all" else list(presets)
     grids = [g for g in (GRIDS if grids == "all" else grids) if grid_applies(g, noise)]
     return [(preset, grid) for grid in grids for preset in presets]
 
 
-def variant_schedule(ops: Operators, preset: str, grid: str, t_start: float, t_end: float, first_step: str) -> SolverSchedule:
+def variant_schedule(
+    ops: Operators, preset: str, grid: str, t_start: float, t_end: float, first_step: str
+) -> SolverSchedule:
     """The preset with the grid's λ profile re-laid between other end points, and optionally the
     analytic first step (one more step for the same NFE)."""
     steps = ops.n_steps(first_step)
@@ -104,8 +107,11 @@ class BaselinePool(ScheduleSearcher):
         ts, space, proposals, keys = self.ops.space.timesteps, self.ops.space, [], set()
         for nfe in self.nfes:
             ops = Operators(space, nfe, self.ops.noise)
-            scored = [(o.value, o.key) for o in self.observations
-                      if o.key in self.generation_zero and self.generation_zero[o.key][0] == nfe and math.isfinite(o.value)]
+            scored = [
+                (o.value, o.key)
+                for o in self.observations
+                if o.key in self.generation_zero and self.generation_zero[o.key][0] == nfe and math.isfinite(o.value)
+            ]
             for _, key in sorted(scored)[: self.variants_of]:
                 _, preset, grid = self.generation_zero[key]
                 own = make_grid(grid, self.ops.noise, nfe)

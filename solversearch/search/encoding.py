@@ -152,7 +152,9 @@ class ScheduleEncoding:
         params: dict[str, Any] = {
             f"prediction_{i}": step.prediction if step.prediction in space.predictions else space.predictions[0],
             f"order_{i}": _nearest([k for k in space.orders if k <= i + 1], step.order),
-            f"derivatives_{i}": "low" if step.order >= 3 and len(step.derivative_points[0]) < step.order - 1 else "full",
+            f"derivatives_{i}": "low"
+            if step.order >= 3 and len(step.derivative_points[0]) < step.order - 1
+            else "full",
             f"scaling_{i}": step.scaling if step.scaling in space.scalings else space.scalings[0],
             f"corrector_{i}": step.corrector if step.corrector in space.correctors else space.correctors[0],
         }

@@ -141,8 +141,22 @@ def load_experiment(path: str | Path) -> Experiment:
 def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "experiment") -> Experiment:
     if not isinstance(doc, Mapping):
         raise ExperimentError("an experiment must be a mapping")
-    known = {"name", "model", "metric", "space", "nfe", "algorithm", "budget", "resources", "storage", "ray", "validation",
-             "objectives", "compare", "baselines"}
+    known = {
+        "name",
+        "model",
+        "metric",
+        "space",
+        "nfe",
+        "algorithm",
+        "budget",
+        "resources",
+        "storage",
+        "ray",
+        "validation",
+        "objectives",
+        "compare",
+        "baselines",
+    }
     _no_unknown(doc, known, "")
     for key in ("model", "space", "nfe"):
         if key not in doc:
@@ -215,31 +229,35 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     if algorithm not in ALGORITHMS:
         raise ExperimentError(f"algorithm.name: unknown algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
     objectives = tuple(doc.get("objectives", ()))
-    if objectives and (objectives[0] not in METRICS or any(o not in METRICS + ("nfe", "seconds", "macs") for o in objectives)):
+    if objectives and (
+        objectives[0] not in METRICS or any(o not in METRICS + ("nfe", "seconds", "macs") for o in objectives)
+    ):
         raise ExperimentError(f"objectives: expected a metric followed by nfe / seconds / macs, got {list(objectives)}")
-    return _check_seeds(Experiment(
-        name=str(doc.get("name", default_name)),
-        model=str(doc["model"]),
-        space=space,
-        space_path=str(space_path),
-        nfe=_nfe(doc["nfe"]),
-        metric=metric,
-        algorithm=algorithm,
-        algorithm_seed=_seed(algorithm_doc.get("seed", 0), "algorithm.seed"),
-        algorithm_settings=_algorithm_settings(algorithm_doc.get("settings") or {}, base),
-        objectives=objectives,
-        budget=budget,
-        resources=resources,
-        storage_url=storage_doc.get("url"),
-        study=storage_doc.get("study"),
-        ray_address=ray_doc.get("address"),
-        validation_seed=_seed(validation_doc.get("seed", 1), "validation.seed"),
-        validation_count=_positive_int(validation_doc.get("seeds", 5), "validation.seeds"),
-        validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
-        validation_top=_positive_int(validation_doc.get("select_top", 8), "validation.select_top"),
-        compare=_names(doc.get("compare", ()), "compare"),
-        baselines=_baselines(doc.get("baselines", {})),
-    ))
+    return _check_seeds(
+        Experiment(
+            name=str(doc.get("name", default_name)),
+            model=str(doc["model"]),
+            space=space,
+            space_path=str(space_path),
+            nfe=_nfe(doc["nfe"]),
+            metric=metric,
+            algorithm=algorithm,
+            algorithm_seed=_seed(algorithm_doc.get("seed", 0), "algorithm.seed"),
+            algorithm_settings=_algorithm_settings(algorithm_doc.get("settings") or {}, base),
+            objectives=objectives,
+            budget=budget,
+            resources=resources,
+            storage_url=storage_doc.get("url"),
+            study=storage_doc.get("study"),
+            ray_address=ray_doc.get("address"),
+            validation_seed=_seed(validation_doc.get("seed", 1), "validation.seed"),
+            validation_count=_positive_int(validation_doc.get("seeds", 5), "validation.seeds"),
+            validation_factor=_positive_int(validation_doc.get("n_factor", 2), "validation.n_factor"),
+            validation_top=_positive_int(validation_doc.get("select_top", 8), "validation.select_top"),
+            compare=_names(doc.get("compare", ()), "compare"),
+            baselines=_baselines(doc.get("baselines", {})),
+        )
+    )
 
 
 def _check_seeds(experiment: Experiment) -> Experiment:
@@ -258,8 +276,10 @@ def _check_seeds(experiment: Experiment) -> Experiment:
         used = {search, selection, *experiment.validation_seeds}
         for name, default in (("seed", TRAIN_SEED), ("heldout_seed", HELDOUT_SEED)):
             if refine.get(name, default) in used:
-                raise ExperimentError(f"algorithm.settings.refine.{name}: {refine.get(name)} is a search, selection or validation "
-                                      "seed; refinement must learn on noise no evaluation uses")
+                raise ExperimentError(
+                    f"algorithm.settings.refine.{name}: {refine.get(name)} is a search, selection or validation "
+                    "seed; refinement must learn on noise no evaluation uses"
+                )
     return experiment
 
 
@@ -288,7 +308,9 @@ def _baselines(value: Any) -> dict[str, Any]:
             names = _names(names, f"baselines.{key}")
             unknown = [n for n in names if n not in known]
             if unknown or not names:
-                raise ExperimentError(f"baselines.{key}: unknown names {unknown}; expected 'all' or some of {sorted(known)}")
+                raise ExperimentError(
+                    f"baselines.{key}: unknown names {unknown}; expected 'all' or some of {sorted(known)}"
+                )
         chosen[key] = names
     variants = doc.get("variants_of", 8)
     if isinstance(variants, bool) or not isinstance(variants, int) or variants < 0:
@@ -304,7 +326,13 @@ def _seed(value: Any, key: str) -> int:
 
 def _number(value: Any, key: str, positive: bool = False) -> float:
     """A finite number ≥ 0 (> 0 if `positive`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
         raise ExperimentError(f"{key}: must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
     return float(value)
 
@@ -323,8 +351,10 @@ def _nfe(value: Any) -> int | tuple[int, ...]:
         raise ExperimentError("nfe: must not be empty")
     for v in values:
         if _positive_int(v, "nfe") > MAX_SEARCH_NFE:
-            raise ExperimentError(f"nfe: {v} network evaluations is not a few-step schedule; a search takes NFE 1–{MAX_SEARCH_NFE} "
-                                  "(at more, the hand-designed solvers have converged)")
+            raise ExperimentError(
+                f"nfe: {v} network evaluations is not a few-step schedule; a search takes NFE 1–{MAX_SEARCH_NFE} "
+                "(at more, the hand-designed solvers have converged)"
+            )
     return values if len(values) > 1 else values[0]
 
 

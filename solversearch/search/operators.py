@@ -118,7 +118,9 @@ class Operators:
         weight = float(rng.uniform(0.0, 1.0))
         lam_a, lam_b = self.lambdas(a.timesteps), self.lambdas(b_times)
         times = self._times_from_lambdas(
-            np.append((1 - weight) * lam_a + weight * lam_b, self.lambda_max) if a.ends_at_zero else (1 - weight) * lam_a + weight * lam_b,
+            np.append((1 - weight) * lam_a + weight * lam_b, self.lambda_max)
+            if a.ends_at_zero
+            else (1 - weight) * lam_a + weight * lam_b,
             a.timesteps[0],
             a.timesteps[-1],
         )
@@ -151,7 +153,12 @@ class Operators:
         skips = [self._repair_skip(step.skip) for step in steps]
         if self.space.fixed_solver:
             preset = PRESETS[self.space.solver].build(times)
-            return replace(preset, name="", first_step=first_step, steps=tuple(replace(s, skip=k) for s, k in zip(preset.steps, skips)))
+            return replace(
+                preset,
+                name="",
+                first_step=first_step,
+                steps=tuple(replace(s, skip=k) for s, k in zip(preset.steps, skips)),
+            )
         repaired = [
             replace(self._repair_step(step, i, n, to_zero=i == n - 1 and times[-1] == 0.0), skip=skips[i])
             for i, step in enumerate(steps)
@@ -160,7 +167,9 @@ class Operators:
 
     def key(self, schedule: SolverSchedule) -> str:
         """Canonical key: equal for schedules that sample identically up to λ rounding (1e-4)."""
-        lams = [round(float(x), 4) if math.isfinite(x) else "inf" for x in self.noise.lambda_(np.array(schedule.timesteps))]
+        lams = [
+            round(float(x), 4) if math.isfinite(x) else "inf" for x in self.noise.lambda_(np.array(schedule.timesteps))
+        ]
         doc = {"lambda": lams, "first": schedule.first_step, "steps": [s.to_dict() for s in schedule.steps]}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -85,8 +85,11 @@ class Report:
             "n": self.n,
             "reference": self.reference,
             "metrics": {
-                metric: {**difference.to_dict(), "floor": _plain(self.floor_mean(metric)),
-                         "excess_left": _plain(self.excess_left(metric))}
+                metric: {
+                    **difference.to_dict(),
+                    "floor": _plain(self.floor_mean(metric)),
+                    "excess_left": _plain(self.excess_left(metric)),
+                }
                 for metric, difference in self.comparisons.items()
             },
         }
@@ -163,8 +166,14 @@ def final_report(
         floor.append(check.evaluator.floor())
         progress("validation", i + 1, len(seeds))
     rows = tuple(ReportRow(label, winner, selection, tuple(validation[label])) for label, winner, selection in chosen)
-    report = Report(rows, tuple(floor), selection_seed=selection_seed, validation_seeds=tuple(seeds),
-                    n=experiment.metric.n * experiment.validation_factor, reference=select.evaluator.reference().description)
+    report = Report(
+        rows,
+        tuple(floor),
+        selection_seed=selection_seed,
+        validation_seeds=tuple(seeds),
+        n=experiment.metric.n * experiment.validation_factor,
+        reference=select.evaluator.reference().description,
+    )
     searched_row, baseline_row = report.row(SEARCHED), report.row(BEST_BASELINE)
     if searched_row is not None and baseline_row is not None:
         report = replace(report, comparisons=paired_comparisons(searched_row.validation, baseline_row.validation))

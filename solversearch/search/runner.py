@@ -65,11 +65,18 @@ def study_description(experiment: Experiment, model: ModelHandle) -> dict[str, A
         "model": experiment.model,
         "model_fingerprint": model.fingerprint,
         "prediction_type": model.denoiser.prediction_type,
-        "metric": {"name": experiment.metric.name, "n": experiment.metric.n, "seed": experiment.metric.seed,
-                   "features": experiment.metric.features or model.default_features,
-                   # what FID is measured against; only when set, so studies older than this key still resume
-                   **({"reference": [experiment.metric.reference, experiment.metric.reference_n]}
-                      if experiment.metric.reference or experiment.metric.reference_n else {})},
+        "metric": {
+            "name": experiment.metric.name,
+            "n": experiment.metric.n,
+            "seed": experiment.metric.seed,
+            "features": experiment.metric.features or model.default_features,
+            # what FID is measured against; only when set, so studies older than this key still resume
+            **(
+                {"reference": [experiment.metric.reference, experiment.metric.reference_n]}
+                if experiment.metric.reference or experiment.metric.reference_n
+                else {}
+            ),
+        },
         "nfe": experiment.nfe,
         "space": experiment.space.describe(),
         "objectives": list(objectives(experiment)),
@@ -87,7 +94,9 @@ def open_store(experiment: Experiment, model: ModelHandle) -> StudyStore:
 
 def observations_from(history: list[StoredEvaluation], metric: str) -> list[Observation]:
     return [
-        Observation(e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage, e.algorithm)
+        Observation(
+            e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage, e.algorithm
+        )
         for e in history
     ]
 
@@ -96,7 +105,9 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
     metric = list(objectives(experiment)) if len(objectives(experiment)) > 1 else experiment.metric.name
     nfe = experiment.nfe
     if not isinstance(nfe, int) and experiment.algorithm != "nsga2":
-        raise SolversearchError(f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]")
+        raise SolversearchError(
+            f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]"
+        )
     values = {e.key: list(e.values) for e in history} if len(objectives(experiment)) > 1 else None
     units, costs = pruning_context(experiment, model)
     settings = dict(experiment.algorithm_settings)
@@ -126,15 +137,23 @@ def pruning_context(experiment: Experiment, model: ModelHandle):
         return (), None
     units = tuple(getattr(model.denoiser, "units", ()))
     if not units:
-        raise SolversearchError(f"{experiment.model} has no prunable network blocks; the space {experiment.space.name!r} needs them")
+        raise SolversearchError(
+            f"{experiment.model} has no prunable network blocks; the space {experiment.space.name!r} needs them"
+        )
     return units, model.denoiser.unit_costs()
 
 
 class StudyRecorder:
     """Writes each finished trial to the study (one complete Optuna trial) and keeps progress figures."""
 
-    def __init__(self, store: StudyStore, experiment: Experiment, model: ModelHandle, searcher: ScheduleSearcher,
-                 on_update: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        store: StudyStore,
+        experiment: Experiment,
+        model: ModelHandle,
+        searcher: ScheduleSearcher,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.store, self.experiment, self.searcher, self.on_update = store, experiment, searcher, on_update
         self.noise = model.noise_schedule
         self.encodings: dict[int, ScheduleEncoding] = {}
@@ -146,21 +165,40 @@ class StudyRecorder:
 
     def record(self, config: dict[str, Any], result: dict[str, Any]) -> None:
         refined = "refined_schedule" in result  # a refinement trial: what was evaluated is the refined schedule
-        schedule = SolverSchedule.from_json(result["refined_schedule"]) if refined else SolverSchedule.from_dict(config["schedule"])
+        schedule = (
+            SolverSchedule.from_json(result["refined_schedule"])
+            if refined
+            else SolverSchedule.from_dict(config["schedule"])
+        )
         schedule = schedule.with_metadata(
             name=schedule.name or f"{self.experiment.study_name}/{config['key']}",
             noise_schedule=self.noise.to_dict(),
         )
-        encoding = self.encodings.setdefault(schedule.nfe, ScheduleEncoding(Operators(self.experiment.space, schedule.nfe, self.noise)))
+        encoding = self.encodings.setdefault(
+            schedule.nfe, ScheduleEncoding(Operators(self.experiment.space, schedule.nfe, self.noise))
+        )
         params, distributions = encoding.from_schedule(schedule)
         diverged = bool(result.get("diverged"))
         metrics = {k: float(result[k]) for k in METRIC_NAMES if _number(result.get(k))}
         values = [math.inf if diverged else float(result[o]) for o in objectives(self.experiment)]
-        cost = {k: float(result[k]) for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs", "refine_seconds")
-                if _number(result.get(k))}
+        cost = {
+            k: float(result[k])
+            for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs", "refine_seconds")
+            if _number(result.get(k))
+        }
         self.store.record(
-            schedule, config["key"], values, metrics, params=params, distributions=distributions, diverged=diverged,
-            stage=int(config["stage"]), algorithm=str(config["algorithm"]), cost=cost, n=int(result["n"]), seed=int(result["seed"]),
+            schedule,
+            config["key"],
+            values,
+            metrics,
+            params=params,
+            distributions=distributions,
+            diverged=diverged,
+            stage=int(config["stage"]),
+            algorithm=str(config["algorithm"]),
+            cost=cost,
+            n=int(result["n"]),
+            seed=int(result["seed"]),
             worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator", "prepared") if k in result},
             refinement=json.loads(result["refinement"]) if refined else None,
         )
@@ -173,9 +211,17 @@ class StudyRecorder:
         if self.searcher.timings.get("predictor_seconds"):
             self.store.set_attr("predictor_seconds", self.predictor_before + self.searcher.timings["predictor_seconds"])
         if self.on_update is not None:
-            self.on_update({"phase": "baselines" if self.searcher.algorithm == BASELINE_POOL else "search",
-                            "recorded": self.recorded, "total": self.total, "best": self.best,
-                            "stage": self.searcher.stage, "tau": taus, "elapsed": time.perf_counter() - self.started})
+            self.on_update(
+                {
+                    "phase": "baselines" if self.searcher.algorithm == BASELINE_POOL else "search",
+                    "recorded": self.recorded,
+                    "total": self.total,
+                    "best": self.best,
+                    "stage": self.searcher.stage,
+                    "tau": taus,
+                    "elapsed": time.perf_counter() - self.started,
+                }
+            )
 
 
 def run_search(
@@ -203,8 +249,14 @@ def run_search(
             return _search(experiment, address, on_update, validate, export_dir, stop)
 
 
-def _search(experiment: Experiment, address: str | None, on_update: Callable[[dict[str, Any]], None] | None,
-            validate: bool, export_dir: Path | None, stop: StopRequest) -> SearchOutcome:
+def _search(
+    experiment: Experiment,
+    address: str | None,
+    on_update: Callable[[dict[str, Any]], None] | None,
+    validate: bool,
+    export_dir: Path | None,
+    stop: StopRequest,
+) -> SearchOutcome:
     started = time.perf_counter()
     notify = on_update or (lambda update: None)
     model = load_model(experiment.model)
@@ -214,8 +266,10 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
         lambda what, done, total: notify({"phase": "prepare", "what": what, "done": done, "total": total})
     )
     if "kid" in objectives(experiment) and prepared.reference.features is None:
-        raise SolversearchError(f"KID needs reference features, but the reference is {prepared.reference.description}: "
-                                "optimise fid or teacher_distance, or give metric.reference as images")
+        raise SolversearchError(
+            f"KID needs reference features, but the reference is {prepared.reference.description}: "
+            "optimise fid or teacher_distance, or give metric.reference as images"
+        )
     store = open_store(experiment, model)  # after the checks above: a refused run leaves no study behind
     try:
         try:
@@ -227,68 +281,139 @@ def _search(experiment: Experiment, address: str | None, on_update: Callable[[di
         raise SearchInterrupted(interrupted.signum, kept=len(store.history())) from None
 
 
-def _evaluate(experiment: Experiment, address: str | None, model: ModelHandle, settings, prepared: Prepared, store: StudyStore,
-              notify: Callable[[dict[str, Any]], None], on_update: Callable[[dict[str, Any]], None] | None,
-              stop: StopRequest) -> int:
+def _evaluate(
+    experiment: Experiment,
+    address: str | None,
+    model: ModelHandle,
+    settings,
+    prepared: Prepared,
+    store: StudyStore,
+    notify: Callable[[dict[str, Any]], None],
+    on_update: Callable[[dict[str, Any]], None] | None,
+    stop: StopRequest,
+) -> int:
     """The baseline pool, then the search of the remaining budget; returns the evaluations recorded."""
     new = evaluate_baseline_pool(experiment, model, store, Evaluator(model, settings, prepared=prepared), on_update)
     history = store.history()
     remaining = experiment.budget.evaluations - sum(1 for e in history if e.algorithm != BASELINE_POOL)
     if remaining > 0:
         with _ray(address):
-            context = EvaluationContext(model=experiment.model, settings=settings,
-                                        threads=max(1, int(experiment.resources.cpu)))
+            context = EvaluationContext(
+                model=experiment.model, settings=settings, threads=max(1, int(experiment.resources.cpu))
+            )
             searcher = build_searcher(experiment, model, history)
-            if getattr(searcher, "refine_settings", None):  # the refinement batches' teachers: built here once, read by the workers
+            if getattr(
+                searcher, "refine_settings", None
+            ):  # the refinement batches' teachers: built here once, read by the workers
                 notify({"phase": "prepare", "what": "refinement teachers", "done": 0, "total": 1})
                 prepare_teachers(model, RefineSettings(**searcher.refine_settings))
                 notify({"phase": "prepare", "what": "refinement teachers", "done": 1, "total": 1})
-            new += _run_tune(experiment, context, prepared, StudyRecorder(store, experiment, model, searcher, on_update),
-                             remaining, experiment.budget.wall_time_s, stop)
+            new += _run_tune(
+                experiment,
+                context,
+                prepared,
+                StudyRecorder(store, experiment, model, searcher, on_update),
+                remaining,
+                experiment.budget.wall_time_s,
+                stop,
+            )
     return new
 
 
-def _report_and_export(experiment: Experiment, model: ModelHandle, store: StudyStore, new: int, validate: bool,
-                       export_dir: Path | None, notify: Callable[[dict[str, Any]], None], started: float) -> SearchOutcome:
+def _report_and_export(
+    experiment: Experiment,
+    model: ModelHandle,
+    store: StudyStore,
+    new: int,
+    validate: bool,
+    export_dir: Path | None,
+    notify: Callable[[dict[str, Any]], None],
+    started: float,
+) -> SearchOutcome:
     history = store.history()
-    report = final_report(experiment, model, history, validate,
-                          lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}))
+    report = final_report(
+        experiment,
+        model,
+        history,
+        validate,
+        lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}),
+    )
     if validate and report.rows:
-        store.set_attr("validation", {
-            "rows": {r.label: {"trial": r.stored.number, "selection": r.selection.to_dict(),
-                               "validation": [v.to_dict() for v in r.validation]} for r in report.rows},
-            "floor": [f.to_dict() for f in report.floor],
-            "comparison": report.comparison_record(),
-        })
+        store.set_attr(
+            "validation",
+            {
+                "rows": {
+                    r.label: {
+                        "trial": r.stored.number,
+                        "selection": r.selection.to_dict(),
+                        "validation": [v.to_dict() for v in r.validation],
+                    }
+                    for r in report.rows
+                },
+                "floor": [f.to_dict() for f in report.floor],
+                "comparison": report.comparison_record(),
+            },
+        )
     exported = None
     best = report.row(SEARCHED)
     if best is not None:
         winner = best.stored.schedule.with_metadata(
-            metrics={**best.stored.metrics, **{f"validation_{m}": best.mean(m) for m in METRIC_NAMES
-                                                if best.validation and math.isfinite(best.mean(m))}},
+            metrics={
+                **best.stored.metrics,
+                **{
+                    f"validation_{m}": best.mean(m)
+                    for m in METRIC_NAMES
+                    if best.validation and math.isfinite(best.mean(m))
+                },
+            },
             model_fingerprint=model.fingerprint,
-            provenance={"study": experiment.study_name, "trial": best.stored.number, "algorithm": best.stored.algorithm,
-                        "storage": redact_url(storage_url(experiment.storage_url)), "experiment": experiment.name,
-                        "model": experiment.model, "prediction_type": model.denoiser.prediction_type,
-                        "objective": experiment.metric.name,
-                        **({"refinement": best.stored.refinement} if best.stored.refinement else {}),
-                        **({"comparison": report.comparison_record()} if report.comparisons else {})},
+            provenance={
+                "study": experiment.study_name,
+                "trial": best.stored.number,
+                "algorithm": best.stored.algorithm,
+                "storage": redact_url(storage_url(experiment.storage_url)),
+                "experiment": experiment.name,
+                "model": experiment.model,
+                "prediction_type": model.denoiser.prediction_type,
+                "objective": experiment.metric.name,
+                **({"refinement": best.stored.refinement} if best.stored.refinement else {}),
+                **({"comparison": report.comparison_record()} if report.comparisons else {}),
+            },
         )
         folder = export_dir or Path(".")
         folder.mkdir(parents=True, exist_ok=True)  # a search's result is never lost to a missing folder
         exported = winner.save(folder / f"{experiment.study_name}.json")
     baseline = report.row(BEST_BASELINE)
-    return SearchOutcome(experiment.study_name, len(history), sum(1 for e in history if e.algorithm == BASELINE_POOL),
-                         new, best.stored if best else None, baseline.stored if baseline else None, report, exported,
-                         time.perf_counter() - started)
+    return SearchOutcome(
+        experiment.study_name,
+        len(history),
+        sum(1 for e in history if e.algorithm == BASELINE_POOL),
+        new,
+        best.stored if best else None,
+        baseline.stored if baseline else None,
+        report,
+        exported,
+        time.perf_counter() - started,
+    )
 
 
-def evaluate_baseline_pool(experiment: Experiment, model: ModelHandle, store: StudyStore, evaluator: Evaluator,
-                           on_update: Callable[[dict[str, Any]], None] | None = None) -> int:
+def evaluate_baseline_pool(
+    experiment: Experiment,
+    model: ModelHandle,
+    store: StudyStore,
+    evaluator: Evaluator,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+) -> int:
     """Evaluate what the study lacks of the baseline pool, in the driver, one schedule after the other:
     each preset costs one short evaluation, less than a Ray trial's own overhead for small models."""
-    pool = BaselinePool(experiment.space, experiment.nfe, model.noise_schedule, metric=objectives(experiment)[0],
-                        history=observations_from(store.history(), experiment.metric.name), **experiment.baselines)
+    pool = BaselinePool(
+        experiment.space,
+        experiment.nfe,
+        model.noise_schedule,
+        metric=objectives(experiment)[0],
+        history=observations_from(store.history(), experiment.metric.name),
+        **experiment.baselines,
+    )
     if not pool.queue:
         return 0
     recorder = StudyRecorder(store, experiment, model, pool, on_update)
@@ -312,8 +437,15 @@ def _ray(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
-def _run_tune(experiment: Experiment, context: EvaluationContext, prepared: Prepared, recorder: StudyRecorder,
-              num_samples: int, time_budget_s: float | None, stop: StopRequest) -> int:
+def _run_tune(
+    experiment: Experiment,
+    context: EvaluationContext,
+    prepared: Prepared,
+    recorder: StudyRecorder,
+    num_samples: int,
+    time_budget_s: float | None,
+    stop: StopRequest,
+) -> int:
     """One Tune run of `recorder.searcher`'s proposals; returns the number of trials recorded."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -321,11 +453,19 @@ def _run_tune(experiment: Experiment, context: EvaluationContext, prepared: Prep
     recorder.total = num_samples
     results_dir = tempfile.mkdtemp(prefix="solversearch-tune-")
     try:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: our display is the progress
-        resources = {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu, **dict(experiment.resources.custom)}
+        os.environ.setdefault(
+            "RAY_AIR_NEW_OUTPUT", "0"
+        )  # the legacy reporter honours verbose=0: our display is the progress
+        resources = {
+            "cpu": experiment.resources.cpu,
+            "gpu": experiment.resources.gpu,
+            **dict(experiment.resources.custom),
+        }
         # with_parameters puts the prepared reference and teacher in Ray's object store once: every
         # worker, on any node, reads them from there and builds nothing.
-        trainable = tune.with_resources(tune.with_parameters(evaluate_trial, context=context, prepared=prepared), resources)
+        trainable = tune.with_resources(
+            tune.with_parameters(evaluate_trial, context=context, prepared=prepared), resources
+        )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

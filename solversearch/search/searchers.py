@@ -115,7 +115,12 @@ class ScheduleSearcher(Searcher):
             return proposal
         self.pending[trial_id] = proposal
         self.known.add(proposal.key)
-        config = {"schedule": proposal.schedule.to_dict(), "key": proposal.key, "stage": proposal.stage, "algorithm": self.algorithm}
+        config = {
+            "schedule": proposal.schedule.to_dict(),
+            "key": proposal.key,
+            "stage": proposal.stage,
+            "algorithm": self.algorithm,
+        }
         if proposal.refine:
             config["refine"] = dict(self.refine_settings)
         return config
@@ -363,7 +368,9 @@ class EvolutionSearcher(_Stage0Mixin, ScheduleSearcher):
     def _plan_mutants(self) -> list[Proposal]:
         """Stage 0's mutants of the best presets and known results. Earlier mutants are left out of the
         parents: a search resumed among them must breed the same ones."""
-        known = _canonical(o for o in self.observations if not self._own(o) or (o.stage == 0 and o.key in self.preset_keys))
+        known = _canonical(
+            o for o in self.observations if not self._own(o) or (o.stage == 0 and o.key in self.preset_keys)
+        )
         self.rng = self._generation_rng(0)
         taken = {o.key for o in known} | self.preset_keys
         parents = _best(known, 3) or known[:3]
@@ -511,7 +518,11 @@ class S3Searcher(EvolutionSearcher):
         lams = self.ops.noise.lambda_(np.array([t for t in schedule.timesteps if t > 0]))
         for other in chosen:
             o = other.schedule
-            if o.steps != schedule.steps or o.first_step != schedule.first_step or o.timesteps[-1] != schedule.timesteps[-1]:
+            if (
+                o.steps != schedule.steps
+                or o.first_step != schedule.first_step
+                or o.timesteps[-1] != schedule.timesteps[-1]
+            ):
                 continue
             other_lams = self.ops.noise.lambda_(np.array([t for t in o.timesteps if t > 0]))
             if len(other_lams) == len(lams) and float(np.max(np.abs(other_lams - lams))) < min_distance:
@@ -529,8 +540,16 @@ class HybridS3Searcher(S3Searcher):
 
     algorithm = "s3_refine"
 
-    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, *, refine_top: int = 2,
-                 refine: Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        space: SearchSpace,
+        nfe: int,
+        noise: NoiseSchedule,
+        *,
+        refine_top: int = 2,
+        refine: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         if isinstance(refine_top, bool) or not isinstance(refine_top, int) or refine_top < 1:
             raise SolversearchError(f"algorithm 's3_refine': refine_top must be a positive integer, got {refine_top!r}")
         super().__init__(space, nfe, noise, **kwargs)
@@ -540,9 +559,14 @@ class HybridS3Searcher(S3Searcher):
     def _plan_stage(self) -> list[Proposal]:
         known = self._planning_set(self.stage)
         refined = {o.key for o in known if is_refinement(o.key)}
-        parents = [o for o in _best([o for o in known if not is_refinement(o.key)], len(known))
-                   if refinement_key(o.key) not in refined]
-        refinements = [Proposal(o.schedule, refinement_key(o.key), self.stage, refine=True) for o in parents[: self.refine_top]]
+        parents = [
+            o
+            for o in _best([o for o in known if not is_refinement(o.key)], len(known))
+            if refinement_key(o.key) not in refined
+        ]
+        refinements = [
+            Proposal(o.schedule, refinement_key(o.key), self.stage, refine=True) for o in parents[: self.refine_top]
+        ]
         return refinements + super()._plan_stage()
 
 
@@ -553,8 +577,18 @@ class RefineSearcher(ScheduleSearcher):
 
     algorithm = "refine"
 
-    def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, *, schedules: Sequence[str] = (),
-                 presets: Sequence[str] = (), top: int = 1, refine: Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        space: SearchSpace,
+        nfe: int,
+        noise: NoiseSchedule,
+        *,
+        schedules: Sequence[str] = (),
+        presets: Sequence[str] = (),
+        top: int = 1,
+        refine: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         from ..schedule import load_schedule
 
         super().__init__(space, nfe, noise, **kwargs)
@@ -579,8 +613,10 @@ class RefineSearcher(ScheduleSearcher):
         if not self.planned:  # by default the best already in the study: the baseline pool runs before any search
             best = _best((o for o in self.observations if not is_refinement(o.key)), self.top)
             if not best:
-                raise SolversearchError("algorithm 'refine' has nothing to refine: give settings schedules or presets, "
-                                        "or a study with evaluations")
+                raise SolversearchError(
+                    "algorithm 'refine' has nothing to refine: give settings schedules or presets, "
+                    "or a study with evaluations"
+                )
             self.queue, self.planned = [self._proposal(o.schedule) for o in best], True
         return self._next_unknown(self.queue) or Searcher.FINISHED
 
@@ -627,7 +663,9 @@ class OptunaScheduleSearcher(ScheduleSearcher):
         }
         storage = optuna.storages.InMemoryStorage()
         with _quiet_optuna():
-            study = optuna.create_study(storage=storage, study_name="search", directions=["minimize"] * len(self.metrics))
+            study = optuna.create_study(
+                storage=storage, study_name="search", directions=["minimize"] * len(self.metrics)
+            )
             for observation in self.observations:
                 if observation.schedule.nfe not in self.encodings:
                     continue
@@ -709,8 +747,13 @@ def _capped(value: float) -> float:
     return value if math.isfinite(value) else 1e12
 
 
-SEARCHERS: dict[str, type[ScheduleSearcher]] = {"s3": S3Searcher, "s3_refine": HybridS3Searcher, "evolution": EvolutionSearcher,
-                                                 "random": RandomSearcher, "refine": RefineSearcher}
+SEARCHERS: dict[str, type[ScheduleSearcher]] = {
+    "s3": S3Searcher,
+    "s3_refine": HybridS3Searcher,
+    "evolution": EvolutionSearcher,
+    "random": RandomSearcher,
+    "refine": RefineSearcher,
+}
 REFINING = ("s3_refine", "refine")
 OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2")
 ALGORITHMS = (*SEARCHERS, "autodiffusion", *OPTUNA_SAMPLERS)
@@ -742,7 +785,9 @@ def make_searcher(
         from .autodiffusion import AutoDiffusionSearcher
 
         try:
-            searcher = AutoDiffusionSearcher(space, nfe, noise, costs=costs, seed=seed, metric=metric, history=history, **settings)
+            searcher = AutoDiffusionSearcher(
+                space, nfe, noise, costs=costs, seed=seed, metric=metric, history=history, **settings
+            )
         except TypeError as exc:
             raise SolversearchError(f"algorithm 'autodiffusion': bad settings ({exc})") from None
         return searcher
@@ -750,7 +795,14 @@ def make_searcher(
         if settings:
             raise SolversearchError(f"algorithm {algorithm!r} takes no settings, got {sorted(settings)}")
         return OptunaScheduleSearcher(
-            space, nfe, noise, sampler=algorithm, metric=metric, seed=seed, history=history, history_values=history_values
+            space,
+            nfe,
+            noise,
+            sampler=algorithm,
+            metric=metric,
+            seed=seed,
+            history=history,
+            history_values=history_values,
         )
     if algorithm not in SEARCHERS:
         raise SolversearchError(f"unknown algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
@@ -828,7 +880,9 @@ def _value(result: Mapping[str, Any], metric: str) -> float:
 
 def _canonical(observations: Iterable[Observation]) -> list[Observation]:
     """Observations in an order that does not depend on when their trials finished."""
-    return sorted(observations, key=lambda o: (o.stage, o.key, o.algorithm, math.inf if math.isnan(o.value) else o.value))
+    return sorted(
+        observations, key=lambda o: (o.stage, o.key, o.algorithm, math.inf if math.isnan(o.value) else o.value)
+    )
 
 
 def _best(observations: Iterable[Observation], k: int) -> list[Observation]:

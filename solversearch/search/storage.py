@@ -194,7 +194,9 @@ class StudyStore:
         if skipped:
             _logger.warning(
                 "study %r: skipped %d trials without a readable schedule attribute (numbers %s)",
-                self._name, len(skipped), skipped[:10],
+                self._name,
+                len(skipped),
+                skipped[:10],
             )
         return out
 
@@ -338,9 +340,9 @@ def require_existing_database(url: str) -> None:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         return  # open_storage reports it
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        if not Path(parsed.database).exists():
-            raise SolversearchError(f"no database at {redact_url(url)} (the file {parsed.database!r} does not exist)")
+    in_a_file = parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:"
+    if in_a_file and not Path(parsed.database).exists():
+        raise SolversearchError(f"no database at {redact_url(url)} (the file {parsed.database!r} does not exist)")
 
 
 def list_studies(url: str) -> list[dict]:
@@ -417,8 +419,12 @@ def export_diffusers(schedule: SolverSchedule, noise: NoiseSchedule, kind: str |
                 "EDM σ (k-diffusion units); EDMEulerScheduler.set_timesteps(sigmas=torch.tensor(edm_euler_ramp)) "
                 "lands on them, as its Karras formula maps the ramp to σ; the scheduler appends the final 0"
             )
-            return {"sigmas": _floats(noise.sigma(times)), "edm_euler_ramp": _floats(edm_ramp(noise, times)),
-                    "units": units, **common}
+            return {
+                "sigmas": _floats(noise.sigma(times)),
+                "edm_euler_ramp": _floats(edm_ramp(noise, times)),
+                "units": units,
+                **common,
+            }
         units = "σ/α = sqrt((1 − ᾱ)/ᾱ), diffusers' sigma of DDPM-family schedulers (without the final 0)"
         return {"sigmas": _floats(np.exp(-noise.lambda_(times))), "units": units, **common}
     if not isinstance(noise, DiscreteVP):
@@ -427,7 +433,7 @@ def export_diffusers(schedule: SolverSchedule, noise: NoiseSchedule, kind: str |
             "export kind 'sigmas' instead"
         )
     big_n = noise.num_train_timesteps
-    steps = [min(max(int(math.floor(big_n * t - 1.0 + 0.5)), 0), big_n - 1) for t in times]
+    steps = [min(max(math.floor(big_n * t - 1.0 + 0.5), 0), big_n - 1) for t in times]
     if len(set(steps)) != len(steps):
         raise SolversearchError(
             f"schedule {schedule.name or schedule.decisions_key()!r}: times {list(times)} round to repeated "
@@ -447,8 +453,12 @@ def export_comfyui(schedule: SolverSchedule, noise: NoiseSchedule) -> dict:
         sigmas, units = noise.sigma(times), "EDM σ"
     else:
         sigmas, units = np.exp(-noise.lambda_(times)), "σ/α = sqrt((1 − ᾱ)/ᾱ) (ComfyUI's VP models)"
-    return {"sigmas": _floats(sigmas), "units": units + ", including the final time",
-            "note": LIST_NOTE, "dropped": dropped_decisions(schedule, noise, final_point=True)}
+    return {
+        "sigmas": _floats(sigmas),
+        "units": units + ", including the final time",
+        "note": LIST_NOTE,
+        "dropped": dropped_decisions(schedule, noise, final_point=True),
+    }
 
 
 def dropped_decisions(schedule: SolverSchedule, noise: NoiseSchedule, final_point: bool) -> list[str]:
@@ -459,7 +469,9 @@ def dropped_decisions(schedule: SolverSchedule, noise: NoiseSchedule, final_poin
     dropped = []
     orders = [s.order for s in steps]
     if max(orders) > 1:
-        dropped.append(f"per-step orders {orders} and their derivative estimates (the consumer's own solver runs instead)")
+        dropped.append(
+            f"per-step orders {orders} and their derivative estimates (the consumer's own solver runs instead)"
+        )
     # A first-order step without corrector is the same update in either prediction form.
     noise_steps = [i for i, s in enumerate(steps) if s.prediction == "noise" and (s.order > 1 or s.corrector != "none")]
     if noise_steps:
@@ -628,9 +640,7 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
             "sqlite:///solversearch.db or postgresql+psycopg2://user@host:5432/db (install solversearch[postgres])"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        raise SolversearchError(
-            f"cannot {action} at {redact_url(url)}: {_reason(exc, url)}. {_hint(url)}"
-        ) from None
+        raise SolversearchError(f"cannot {action} at {redact_url(url)}: {_reason(exc, url)}. {_hint(url)}") from None
 
 
 def _reason(exc: BaseException, url: str) -> str:

@@ -48,7 +48,9 @@ def evaluator_for(context: EvaluationContext, prepared: Prepared | None = None) 
     return _EVALUATORS[context]
 
 
-def evaluate_trial(config: dict[str, Any], context: EvaluationContext, prepared: Prepared | None = None) -> dict[str, Any]:
+def evaluate_trial(
+    config: dict[str, Any], context: EvaluationContext, prepared: Prepared | None = None
+) -> dict[str, Any]:
     """Score the trial's schedule and report the metrics and costs to Tune (also returned). A
     refinement trial (config "refine") first refines the schedule, then scores the refined one."""
     from ray import tune
@@ -57,20 +59,26 @@ def evaluate_trial(config: dict[str, Any], context: EvaluationContext, prepared:
     evaluator = evaluator_for(context, prepared)
     schedule = SolverSchedule.from_dict(config["schedule"])
     if config.get("refine") is not None:
-        report = {**refinement_result(evaluator, schedule, config["refine"], built_evaluator=built), "key": config["key"]}
+        report = {
+            **refinement_result(evaluator, schedule, config["refine"], built_evaluator=built),
+            "key": config["key"],
+        }
     else:
         report = {**trial_result(evaluator, schedule, built_evaluator=built), "key": config["key"]}
     tune.report(report)
     return report
 
 
-def refinement_result(evaluator: Evaluator, parent: SolverSchedule, settings: dict[str, Any],
-                      built_evaluator: bool = False) -> dict[str, Any]:
+def refinement_result(
+    evaluator: Evaluator, parent: SolverSchedule, settings: dict[str, Any], built_evaluator: bool = False
+) -> dict[str, Any]:
     """Refine `parent` on the evaluator's model (on its device), then score the refined schedule: its
     result, the refined schedule as JSON, and the refinement's summary and cost."""
     from ..refine import RefineSettings, refine
 
-    refinement = refine(evaluator.model, parent, RefineSettings(**settings, device=str(evaluator.device)), cache=evaluator.cache)
+    refinement = refine(
+        evaluator.model, parent, RefineSettings(**settings, device=str(evaluator.device)), cache=evaluator.cache
+    )
     return {
         **trial_result(evaluator, refinement.schedule, built_evaluator=built_evaluator),
         "refined_schedule": refinement.schedule.to_json(indent=None),
