@@ -192,3 +192,40 @@ def test_a_trial_whose_worker_dies_is_retried_without_duplicates(tmp_path):
     history = [e for e in open_existing(f"sqlite:///{db}", "faults").history() if e.algorithm != "baselines"]
     assert len(history) == 6 and len({e.key for e in history}) == 6
     assert killed not in {e.worker["pid"] for e in history}  # the killed process finished nothing
+
+
+def test_a_batched_trial_whose_worker_dies_keeps_what_it_scored_and_retries_only_the_rest(tmp_path):
+    """Trials of three schedules: a worker is killed after it has recorded one or two schedules of its
+    batch. Those stay in the study; the rest of its batch is scored in a later trial; the budget ends with
+    six schedules, none twice."""
+    db = tmp_path / "batched.db"
+    experiment = experiment_file(tmp_path, n=3000)
+    experiment.write_text(experiment.read_text().replace("  concurrent: 2\n", "  concurrent: 2\n  batch: 3\n"))
+    command = [sys.executable, "-m", "solversearch.cli", "search", str(experiment), "--no-validation"]
+    command += ["--budget", "6", "--algorithm", "random", "--storage", f"sqlite:///{db}", "--study", "batched"]
+    process = subprocess.Popen(
+        [*command, "--out", str(tmp_path)], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    killed, kept = None, 0
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and process.poll() is None:
+        time.sleep(0.3)
+        if not db.exists():
+            continue
+        try:
+            history = [e for e in open_existing(f"sqlite:///{db}", "batched").history() if e.algorithm != "baselines"]
+        except Exception:  # noqa: BLE001, S112 - the study may not exist yet
+            continue
+        running = set(ray_trial_workers())
+        for pid in {e.worker["pid"] for e in history}:
+            kept = sum(1 for e in history if e.worker["pid"] == pid)
+            if pid in running and kept < 3:  # mid-batch: scored some of its three, not all
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+    _, stderr = process.communicate(timeout=600)
+    assert killed is not None, "no worker was caught between the schedules of its batch"
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    history = [e for e in open_existing(f"sqlite:///{db}", "batched").history() if e.algorithm != "baselines"]
+    assert len(history) == 6 and len({e.key for e in history}) == 6
+    assert sum(1 for e in history if e.worker["pid"] == killed) >= kept >= 1  # what it scored was kept

@@ -243,12 +243,14 @@ def searched(history):
 
 def test_the_same_command_gives_the_same_study_whatever_the_order_trials_finish(ray_session, tmp_path):
     """Two s3 searches with two concurrent trials (so the order in which trials finish varies) and the same
-    seeds store the same schedules with the same values."""
+    seeds store the same schedules with the same values — the second with trials of up to three schedules
+    each, so batching changes neither what the searcher proposes nor what it learns."""
 
-    def history(name: str):
+    def history(name: str, batch: int):
         url = f"sqlite:///{tmp_path / name}.db"
+        base = small_experiment(url, "same", budget=14)
         experiment = replace(
-            small_experiment(url, "same", budget=14),
+            base,
             algorithm="s3",
             algorithm_settings={
                 "k": 4,
@@ -258,11 +260,12 @@ def test_the_same_command_gives_the_same_study_whatever_the_order_trials_finish(
                 "stage0_grids": ["logsnr", "time_uniform"],
                 "stage0_mutants": 2,
             },
+            resources=replace(base.resources, batch=batch),
         )
         run_search(experiment, validate=False, export_dir=tmp_path)
         return sorted((e.stage, e.key, e.values, e.algorithm) for e in open_existing(url, "same").history())
 
-    first, second = history("a"), history("b")
+    first, second = history("a", batch=1), history("b", batch=3)
     assert len(first) == 16 and {stage for stage, *_ in first} >= {0, 1, 2}
     assert first == second
 

@@ -54,6 +54,7 @@ class ResourcesConfig:
     cpu: float = 1.0
     gpu: float = 0.0
     concurrent: int = 2
+    batch: int = 1  # schedules per Ray Tune trial, scored on one resident model (search/batching.py)
     custom: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -214,6 +215,7 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
         cpu=_number(resources_doc.get("cpu", ResourcesConfig.cpu), "resources.cpu", positive=True),
         gpu=_number(resources_doc.get("gpu", ResourcesConfig.gpu), "resources.gpu"),
         concurrent=_positive_int(resources_doc.get("concurrent", ResourcesConfig.concurrent), "resources.concurrent"),
+        batch=_positive_int(resources_doc.get("batch", ResourcesConfig.batch), "resources.batch"),
         custom={str(k): _number(v, f"resources.custom.{k}") for k, v in custom.items()},
     )
     storage_doc = _mapping(doc.get("storage", {}), "storage")

@@ -31,6 +31,7 @@ from ..refine import RefineSettings, prepare_teachers
 from ..schedule import SolverSchedule
 from .baseline_pool import ALGORITHM as BASELINE_POOL
 from .baseline_pool import BaselinePool
+from .batching import MEMBER, BatchingSearcher, member_config
 from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
 from .interruption import StopRequest, stop_on_signals, tuning
@@ -451,6 +452,7 @@ def _run_tune(
     from ray.tune.search import ConcurrencyLimiter
 
     recorder.total = num_samples
+    batching = BatchingSearcher(recorder.searcher, experiment.resources.batch, budget=num_samples)
     results_dir = tempfile.mkdtemp(prefix="solversearch-tune-")
     try:
         os.environ.setdefault(
@@ -469,8 +471,8 @@ def _run_tune(
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(recorder.searcher, max_concurrent=experiment.resources.concurrent),
-                num_samples=num_samples,
+                search_alg=ConcurrencyLimiter(batching, max_concurrent=experiment.resources.concurrent),
+                num_samples=batching.trials_needed(),
                 time_budget_s=time_budget_s,
                 reuse_actors=True,
             ),
@@ -478,8 +480,9 @@ def _run_tune(
                 name=experiment.study_name,
                 storage_path=results_dir,
                 callbacks=[_Record(recorder)],
-                # A trial whose worker dies is retried; nothing reaches the study until a trial finishes.
-                failure_config=tune.FailureConfig(max_failures=2),
+                # A trial whose worker dies is not re-run by Tune, which would repeat the members already
+                # scored and recorded: the batching searcher hands out its unscored members again.
+                failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
             ),
         )
@@ -491,14 +494,25 @@ def _run_tune(
 
 
 class _Record(Callback):
-    """Tune callback: each finished trial goes to the study, from the driver, as it finishes."""
+    """Tune callback: each scored member of a trial goes to the study, from the driver, as it is reported."""
 
     def __init__(self, recorder: StudyRecorder | None):
         self.recorder = recorder
+        self.recorded: set[tuple[str, int]] = set()  # (trial id, member): Tune may deliver a result twice
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._record(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if self.recorder is not None and trial.last_result and "fid" in trial.last_result:
-            self.recorder.record(trial.config, trial.last_result)
+        if trial.last_result:
+            self._record(trial, trial.last_result)
+
+    def _record(self, trial, result) -> None:
+        member = member_config(trial.config, result)
+        if self.recorder is None or member is None or (trial.trial_id, result[MEMBER]) in self.recorded:
+            return
+        self.recorded.add((trial.trial_id, result[MEMBER]))
+        self.recorder.record(member, result)
 
     def __reduce__(self):
         # Tune pickles its callbacks for its own restore files; a search resumes from the study instead,

@@ -1,4 +1,4 @@
-"""The worker side of a search: evaluate one schedule per Ray Tune trial, independent of the algorithm.
+"""The worker side of a search: evaluate the schedules of a Ray Tune trial, independent of the algorithm.
 
 A worker process builds its Evaluator (model and features) once and reuses it for every trial it runs
 (`_EVALUATORS` is that per-process cache). The reference statistics and the teacher come prepared by
@@ -17,6 +17,7 @@ import torch
 from ..evaluator import METRIC_NAMES, EvaluationSettings, Evaluator, Prepared
 from ..metrics.reference import ArrayCache
 from ..schedule import SolverSchedule
+from .batching import MEMBER, MEMBERS
 
 
 @dataclass(frozen=True)
@@ -51,22 +52,28 @@ def evaluator_for(context: EvaluationContext, prepared: Prepared | None = None) 
 def evaluate_trial(
     config: dict[str, Any], context: EvaluationContext, prepared: Prepared | None = None
 ) -> dict[str, Any]:
-    """Score the trial's schedule and report the metrics and costs to Tune (also returned). A
-    refinement trial (config "refine") first refines the schedule, then scores the refined one."""
+    """Score each member of the trial's batch (batching.BatchingSearcher) on this worker's resident
+    evaluator and report each result to Tune the moment it is scored, with its member index; returns
+    the last report. A refinement member (config "refine") first refines its schedule, then scores the
+    refined one."""
     from ray import tune
 
-    built = context not in _EVALUATORS
-    evaluator = evaluator_for(context, prepared)
-    schedule = SolverSchedule.from_dict(config["schedule"])
-    if config.get("refine") is not None:
-        report = {
-            **refinement_result(evaluator, schedule, config["refine"], built_evaluator=built),
-            "key": config["key"],
-        }
-    else:
-        report = {**trial_result(evaluator, schedule, built_evaluator=built), "key": config["key"]}
-    tune.report(report)
+    report: dict[str, Any] = {}
+    for index, member in enumerate(config[MEMBERS]):
+        built = context not in _EVALUATORS
+        report = {**member_result(evaluator_for(context, prepared), member, built_evaluator=built), MEMBER: index}
+        tune.report(report)
     return report
+
+
+def member_result(evaluator: Evaluator, member: dict[str, Any], built_evaluator: bool = False) -> dict[str, Any]:
+    """The result of one proposal's config: its schedule scored, or refined and then scored."""
+    schedule = SolverSchedule.from_dict(member["schedule"])
+    if member.get("refine") is not None:
+        result = refinement_result(evaluator, schedule, member["refine"], built_evaluator=built_evaluator)
+    else:
+        result = trial_result(evaluator, schedule, built_evaluator=built_evaluator)
+    return {**result, "key": member["key"]}
 
 
 def refinement_result(
