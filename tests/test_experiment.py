@@ -52,6 +52,7 @@ def base_doc():
         ({"resources": {"cpu": "two"}}, "resources.cpu"),
         ({"resources": {"gpu": float("nan")}}, "resources.gpu"),
         ({"resources": {"concurrent": 1.5}}, "resources.concurrent"),
+        ({"resources": {"batch": 0}}, "resources.batch"),
         ({"resources": {"custom": {"tpu": -1}}}, "resources.custom.tpu"),
         ({"nfe": 1000}, "not a few-step schedule"),
         ({"nfe": [4, 1000]}, "not a few-step schedule"),
