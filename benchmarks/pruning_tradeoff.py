@@ -20,7 +20,7 @@ import torch
 from solversearch import presets
 from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.models.spec import load_model
-from solversearch.search.searchers import drive, make_searcher
+from solversearch.search import drive, make_searcher
 from solversearch.search.space import load_space
 from solversearch.statistics import paired_difference
 

@@ -29,10 +29,10 @@ import optuna
 from solversearch.evaluator import Evaluator
 from solversearch.models.spec import load_model
 from solversearch.refine import RefineSettings, refine
+from solversearch.search.database import storage_url
 from solversearch.search.experiment import load_experiment
 from solversearch.search.report import BEST_BASELINE, SEARCHED, validation_settings
 from solversearch.search.runner import run_search
-from solversearch.search.storage import storage_url
 from solversearch.statistics import excess_ratio, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from solversearch import presets
 from solversearch.errors import SolversearchError
 from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.models.spec import load_model
+from solversearch.search import drive, make_searcher
 from solversearch.search.baseline_pool import preset_grid_pairs
-from solversearch.search.searchers import drive, make_searcher
 from solversearch.search.space import load_space
 from solversearch.statistics import paired_difference
 

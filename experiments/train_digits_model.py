@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from solversearch.datasets import digits
+from solversearch.outputs import atomic_output
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "solversearch" / "weights" / "digits_unet"
 
@@ -123,8 +124,8 @@ def main() -> None:
                 "losses": losses,
                 "rng": torch.get_rng_state(),
             }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            with atomic_output(checkpoint) as tmp:  # a kill mid-write keeps the previous checkpoint
+                torch.save(state, tmp)
 
     args.out.mkdir(parents=True, exist_ok=True)
     ema.to("cpu").save_pretrained(args.out / "unet", safe_serialization=True)

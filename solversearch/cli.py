@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import SearchInterrupted, SolversearchError
+from .exports import EXPORT_FORMATS, EXPORT_KINDS
 from .outputs import atomic_output, output_file, output_folder, write_text
 
 EXIT_USER_ERROR = 2
@@ -23,8 +24,7 @@ METRIC_LABELS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         return args.run(args)
     except SolversearchError as exc:
@@ -39,7 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job (`command_parsers` gives each one's own parser)."""
+    return _parsers()[0]
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser, by name (the docker tests hold the documented commands against them)."""
+    return dict(_parsers()[1])
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="solversearch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -158,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
     p.add_argument("--nfe", type=_positive_int, help="NFE budget (overrides the experiment)")
     p.add_argument("--budget", type=_positive_int, help="true evaluations in all (resuming counts stored ones)")
-    p.add_argument("--algorithm", help="s3, s3_refine, refine, evolution, random, autodiffusion, tpe, gp or nsga2")
+    p.add_argument("--algorithm", help="the search algorithm (overrides the experiment's), e.g. s3, evolution or tpe")
     p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///solversearch.db)")
     p.add_argument("--study", help="study name (default: <experiment>-nfe<N>)")
     p.add_argument("--address", help="an existing Ray cluster: auto or HOST:PORT")
@@ -187,20 +197,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--format",
-        choices=["solversearch", "diffusers", "comfyui"],
+        choices=EXPORT_FORMATS,
         default="solversearch",
         help="solversearch: the whole schedule; diffusers: its times for a diffusers scheduler; comfyui: "
         "a custom-sigmas list (with the final 0)",
     )
     p.add_argument(
         "--diffusers-kind",
-        choices=["timesteps", "sigmas"],
+        choices=EXPORT_KINDS,
         help="with --format diffusers: integer timesteps (VP models, the default there) or sigmas in the "
         "units of the model's scheduler (the default, and the only kind, for flow and EDM models)",
     )
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///solversearch.db)")
     p.set_defaults(run=_cmd_export)
-    return parser
+    return parser, commands.choices
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -556,7 +566,8 @@ def _schedule_argument(text: str, noise, nfe: int, storage: str | None = None):
     if Path(text).exists() or text.endswith(".json"):
         return load_schedule(text)
     if storage is not None:
-        from .search.storage import open_existing, storage_url
+        from .search.database import storage_url
+        from .search.storage import open_existing
 
         study, _, rank = text.partition(":")
         rank_number = _positive_int(rank or "1")
@@ -579,14 +590,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from .progress import SearchProgress
     from .search.experiment import load_experiment
+    from .search.registry import check_algorithm
     from .search.runner import run_search
-    from .search.searchers import ALGORITHMS
 
     experiment = load_experiment(args.experiment).override(
         nfe=args.nfe, budget=args.budget, algorithm=args.algorithm, storage_url=args.storage, study=args.study
     )
-    if experiment.algorithm not in ALGORITHMS:
-        raise SolversearchError(f"unknown algorithm {experiment.algorithm!r}; expected one of {list(ALGORITHMS)}")
+    check_algorithm(experiment.algorithm)
     out = output_folder(args.out)  # known good before the search: its winner is never lost to a bad --out
     console = Console()
     if not console.is_terminal:
@@ -706,7 +716,8 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .search.storage import list_studies, storage_url
+    from .search.database import storage_url
+    from .search.storage import list_studies
 
     table = Table("study", "trials", "best", "model", "nfe")
     for row in list_studies(storage_url(args.storage)):
@@ -727,8 +738,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .search.database import storage_url
     from .search.report import ranked
-    from .search.storage import open_existing, storage_url
+    from .search.storage import open_existing
 
     console = Console()
     store = open_existing(storage_url(args.storage), args.study)
@@ -766,8 +778,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
+    from .exports import export_comfyui, export_diffusers
     from .noise import noise_schedule_from_dict
-    from .search.storage import export_comfyui, export_diffusers, open_existing, storage_url
+    from .search.database import storage_url
+    from .search.provenance import exported_schedule
+    from .search.storage import open_existing
 
     if args.diffusers_kind is not None and args.format != "diffusers":
         raise SolversearchError(f"--diffusers-kind applies to --format diffusers, not --format {args.format}")
@@ -788,18 +803,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         chosen = ranked[rank - 1]
     # The search's own winner carries its paired comparison with the best baseline on fresh seeds.
     comparison = validation.get("comparison") if searched.get("trial") == chosen.number else None
-    schedule = chosen.schedule.with_metadata(
-        metrics=chosen.metrics,
-        model_fingerprint=store.description.get("model_fingerprint"),
-        provenance={
-            "study": args.study,
-            "trial": chosen.number,
-            "algorithm": chosen.algorithm,
-            **({"winner": True} if winner else {"rank": args.rank or 1}),
-            "model": store.description.get("model"),
-            "prediction_type": store.description.get("prediction_type"),
-            **({"comparison": comparison} if comparison else {}),
-        },
+    schedule = exported_schedule(
+        chosen, args.study, store.description, rank=None if winner else args.rank or 1, comparison=comparison
     )
     if args.format == "solversearch":
         schedule.save(out)

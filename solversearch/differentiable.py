@@ -192,7 +192,7 @@ def differentiable_plan(
 
 
 def _unic(step: Step, i: int, lambdas: Tensor, alpha_sigma: AlphaSigma) -> LinearUpdate:
-    """UniC of step i, as `plan._unic`: order k + 1 through the predictor's points and the new point;
+    """UniC of step i, as `plan.unic_correction`: order k + 1 through the predictor's points and the new point;
     the scaling only when that is an order-2 update."""
     order = step.order + 1
     fit = sorted({i - b for b in step.history_used} | {i + 1})

@@ -177,7 +177,7 @@ def compile_plan(schedule: SolverSchedule, noise: NoiseSchedule) -> SamplingPlan
             step.prediction, i, lambdas, alphas, sigmas, lambdas[i + 1], alphas[i + 1], sigmas[i + 1], points, scales
         )
         predict_updates.append(LinearUpdate(x_coef, uses, tuple(sorted(weights.items()))))
-        corrections.append(_unic(step, i, lambdas, alphas, sigmas) if step.corrector == "unic" else None)
+        corrections.append(unic_correction(step, i, lambdas, alphas, sigmas) if step.corrector == "unic" else None)
 
     planned = []
     last = last_use(predict_updates, corrections)
@@ -225,7 +225,7 @@ def check_start_at_pure_noise(schedule: SolverSchedule) -> None:
             )
 
 
-def _unic(step: Step, i: int, lambdas: np.ndarray, alphas: np.ndarray, sigmas: np.ndarray) -> LinearUpdate:
+def unic_correction(step: Step, i: int, lambdas: np.ndarray, alphas: np.ndarray, sigmas: np.ndarray) -> LinearUpdate:
     """UniC: the order-(k+1) update from point i whose derivatives are fitted through the predictor's
     points plus the new point i+1. UniPC applies B(h) only through ρ = ½ in the order-2 update; in
     higher orders the full moment system makes B(h) cancel, so the scaling applies only at order 2."""

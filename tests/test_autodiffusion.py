@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 
 from solversearch import DiscreteVP, SolverSchedule
 from solversearch.models.pruning import UnitCosts
-from solversearch.search.autodiffusion import AutoDiffusionSearcher
-from solversearch.search.searchers import drive
-from solversearch.search.space import load_space
+from solversearch.search import AutoDiffusionSearcher, TimestepOperators, drive, load_space
 from tests.test_searchers import drive_concurrently, triples
 
 NOISE = DiscreteVP.from_diffusers_config({})
@@ -23,6 +21,11 @@ COSTS = UnitCosts(full=10_000, units=UNITS)
 def searcher(seed=0, **settings):
     defaults = {"population": 12, "elites": 4, "mutants": 6, "crossovers": 3, "generations": (2, 3)}
     return AutoDiffusionSearcher(SPACE, 5, NOISE, costs=COSTS, seed=seed, **{**defaults, **settings})
+
+
+def operators(ratio: float = 0.0) -> TimestepOperators:
+    """The searcher's operators on integer timesteps and skip sets, allowing `ratio` of the units per step."""
+    return TimestepOperators(SPACE, 5, NOISE, COSTS, tuple(UNITS)).with_skip_ratio(ratio)
 
 
 def metric(schedule: SolverSchedule) -> dict:
@@ -47,13 +50,14 @@ def check(schedule: SolverSchedule, ratio: float) -> None:
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_operators_never_exceed_the_budget_nor_repeat_a_timestep(seed):
-    s = searcher(seed)
+    assert searcher(seed).ops.units == tuple(UNITS)  # the searcher breeds with these operators
     rng = np.random.default_rng(seed)
-    population = [s._random(5) for _ in range(4)] + [s._from_grid("logsnr")]
+    population = [operators().random(rng) for _ in range(4)] + [operators().from_grid("logsnr", rng)]
     for _ in range(60):
         ratio = float(rng.choice([0.0, 0.1, 0.25]))
+        ops = operators(ratio)
         a, b = (population[int(i)] for i in rng.integers(len(population), size=2))
-        child = s.mutate(a, ratio) if rng.random() < 0.6 else s.crossover(a, b, ratio)
+        child = ops.mutate(a, rng) if rng.random() < 0.6 else ops.crossover(a, b, rng)
         check(child, ratio)
         population.append(child)
 
@@ -78,16 +82,16 @@ def test_over_budget_repair_skips_the_most_expensive_units_first():
     """Six unpruned steps cost 6 forwards against a budget of 5. With three skips allowed per step, the
     three largest units (1,200 + 1,100 + 1,000 MACs) at each step bring six steps to 6 × 6,700 = 40,200
     ≤ 50,000: the repair must keep the sixth step rather than drop it."""
-    s = searcher()
-    repaired = s.repair([900, 700, 500, 300, 150, 50], [[] for _ in range(6)], ratio=0.25)
+    rng = np.random.default_rng(0)
+    repaired = operators(0.25).repair([900, 700, 500, 300, 150, 50], [[] for _ in range(6)], rng)
     check(repaired, 0.25)
     assert repaired.nfe == 6
     assert all(set(step.skip) <= {"u11", "u10", "u9"} for step in repaired.steps)
 
 
 def test_searched_schedules_do_not_carry_the_preset_name():
-    s = searcher()
-    assert s._random(5).name == "" and s.repair([800, 400, 100], [[], [], []], 0.0).name == ""
+    ops, rng = operators(), np.random.default_rng(0)
+    assert ops.random(rng).name == "" and ops.repair([800, 400, 100], [[], [], []], rng).name == ""
 
 
 def test_save_and_restore_continue_identically(tmp_path):

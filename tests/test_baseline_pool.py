@@ -8,11 +8,8 @@ from solversearch import DiscreteVP, LinearVP, RectifiedFlow, SolverSchedule
 from solversearch.grids import FAMILY_GRIDS, GRIDS
 from solversearch.predictor import encode_schedule
 from solversearch.presets import PRESETS
-from solversearch.search.baseline_pool import BaselinePool, preset_grid_pairs
-from solversearch.search.encoding import ScheduleEncoding
-from solversearch.search.operators import Operators
-from solversearch.search.searchers import Observation, drive
-from solversearch.search.space import load_space
+from solversearch.search import BaselinePool, LambdaOperators, Observation, ScheduleEncoding, drive, load_space
+from solversearch.search.baseline_pool import preset_grid_pairs
 
 NOISE = DiscreteVP.from_diffusers_config({})
 USF = load_space("search_spaces/usf.yaml")
@@ -118,7 +115,7 @@ def test_on_a_flow_path_the_euler_grid_from_pure_noise_has_variants_inside_the_s
     assert [s.timesteps[0] for s in schedules[:2]] == [1.0, 1.0]  # the presets as diffusers runs them
     variants = schedules[2:]
     assert variants and {s.timesteps[0] for s in variants} <= set(space.timesteps.t_start)
-    encoding = ScheduleEncoding(Operators(space, 5, flow))
+    encoding = ScheduleEncoding(LambdaOperators(space, 5, flow))
     for schedule in schedules:
         assert all(a > b for a, b in zip(schedule.timesteps, schedule.timesteps[1:]))
         params, _ = encoding.from_schedule(schedule)

@@ -156,24 +156,17 @@ def test_export_gives_the_search_s_winner_by_default_and_the_k_th_search_seed_va
     seed: `export STUDY` writes what the search wrote, `--rank K` the K-th best search-seed value."""
     from solversearch import presets
     from solversearch.noise import LinearVP
-    from solversearch.search.storage import StudyStore
+    from solversearch.search import StudyStore, TrialRecord
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = StudyStore(url, "picked")
     for i, (name, value) in enumerate([("ddim", 0.5), ("dpmpp_2m", 0.3), ("unipc_2_bh2", 0.4)]):
+        schedule = presets.build(name, LinearVP(), 4, "logsnr")
         store.record(
-            presets.build(name, LinearVP(), 4, "logsnr"),
-            f"k{i}",
+            TrialRecord(
+                schedule, key=f"k{i}", stage=1, algorithm="s3", metrics={"fid": value}, cost={"nfe": 4.0}, n=10
+            ),
             [value],
-            {"fid": value},
-            params={},
-            distributions={},
-            diverged=False,
-            stage=1,
-            algorithm="s3",
-            cost={"nfe": 4.0},
-            n=10,
-            seed=0,
         )
     numbers = {e.schedule.name.split("/")[0]: e.number for e in store.history()}
     store.set_attr("validation", {"rows": {"searched": {"trial": numbers["unipc_2_bh2"]}}})

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from solversearch.cli import _parser
+from solversearch.cli import command_parsers, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -61,7 +61,7 @@ def services() -> dict:
 
 
 def subcommands() -> dict:
-    return _parser()._subparsers._group_actions[0].choices
+    return command_parsers()
 
 
 def command_of(service: dict) -> list[str]:
@@ -215,7 +215,7 @@ def all_documented_invocations() -> tuple[list[tuple[str, list[str]]], list[tupl
 def parse_cli(args: list[str], where: str) -> None:
     """`args` parse, and every --option is spelled out (argparse would also take an abbreviation)."""
     try:
-        _parser().parse_args(args)
+        parser().parse_args(args)
     except SystemExit as exc:
         pytest.fail(f"{where}: `solversearch {shlex.join(args)}` does not parse (exit {exc.code})")
     options = {o for action in subcommands()[args[0]]._actions for o in action.option_strings}
@@ -325,7 +325,7 @@ def test_search_command_is_a_real_cli_invocation():
     assert cmd[0] in SOLVERSEARCH_ENTRYPOINTS and cmd[1] == "search"
     args = [interpolate_defaults(a) for a in cmd[1:]]
     parse_cli(args, "compose.yaml:search")
-    parsed = _parser().parse_args(args)
+    parsed = parser().parse_args(args)
     assert parsed.address == "ray-head:6379" and parsed.experiment.startswith(f"{WORKDIR}/experiments/")
     # the default experiment exists in the folder compose mounts there, and loads
     from solversearch.search.experiment import load_experiment

@@ -37,10 +37,10 @@ Conventions the reference follows (source in parentheses):
   solvers.md §2; it exists for the published DPM-Solver++(3M) coefficient (§3; schedule.Step docstring).
 - UniC after step i (only when a step i + 1 follows): redo step i from the x it started at with order
   k + 1, every one of its k derivatives fitted through the same points, the union of the predictor's
-  points and the new point i + 1 (§2 "Corrector"; plan._unic). Deliberate deviation from a literal
-  reading of §2, documented in schedule.Step and plan._unic: as in UniPC (ρ = ½ only at order 2,
+  points and the new point i + 1 (§2 "Corrector"; plan.unic_correction). Deliberate deviation from a literal
+  reading of §2, documented in schedule.Step and plan.unic_correction: as in UniPC (ρ = ½ only at order 2,
   §3), the corrector applies the scaling only when it is an order-2 update (k = 1), and it never
-  applies `second_derivative_factor` (plan._unic; stated only in the code).
+  applies `second_derivative_factor` (plan.unic_correction; stated only in the code).
 - A step to t = 0 (σ = 0) is first order and is the h → ∞ limit of its form: data form
   x = α_t x̂₀_s (the integral σ_t ∫ e^{λ} dλ → α_t), noise form x = (α_t/α_s) x_s − α_t e^{−λ_s} ε̂_s
   (schedule validation; plan.exponential_update). The two differ after a UniC step, since x̂₀_s was
@@ -400,7 +400,7 @@ def _weights_without_factorials(r, n):
 
 
 def _unic_without_scaling():
-    original = plan._unic
+    original = plan.unic_correction
     return lambda step, *rest: original(dataclasses.replace(step, scaling="none", linear_coefficient=0.0), *rest)
 
 
@@ -414,7 +414,7 @@ MUTANTS = {
     "phi4_off_by_1e-5": ("phi", lambda: _phi_off(4, 1 + 1e-5)),
     "bh1_off_by_1e-6": ("first_derivative_scale", lambda: _bh1_off(1 + 1e-6)),
     "derivative_weights_without_factorials": ("derivative_weights", lambda: _weights_without_factorials),
-    "unic_without_its_scaling": ("_unic", _unic_without_scaling),
+    "unic_without_its_scaling": ("unic_correction", _unic_without_scaling),
     "second_derivative_factor_ignored": ("exponential_update", _second_derivative_factor_ignored),
 }
 

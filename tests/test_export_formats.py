@@ -14,7 +14,8 @@ from diffusers import DPMSolverMultistepScheduler, EDMEulerScheduler, FlowMatchE
 from solversearch import DiscreteVP, KarrasVE, RectifiedFlow, SolverSchedule, Step, presets
 from solversearch.cli import main
 from solversearch.errors import SolversearchError
-from solversearch.search.storage import StudyStore, dropped_decisions, export_comfyui, export_diffusers
+from solversearch.exports import dropped_decisions, export_comfyui, export_diffusers
+from solversearch.search import StudyStore, TrialRecord
 
 VP = DiscreteVP.from_diffusers_config({})
 FLOW = RectifiedFlow(shift=3.0)
@@ -111,18 +112,10 @@ def study(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     for path, noise in PATHS.items():
         StudyStore(url, path).record(
-            searched(noise),
-            "k",
+            TrialRecord(
+                searched(noise), key="k", stage=1, algorithm="s3", metrics={"fid": 1.0}, cost={"nfe": 4.0}, n=10
+            ),
             [1.0],
-            {"fid": 1.0},
-            params={},
-            distributions={},
-            diverged=False,
-            stage=1,
-            algorithm="s3",
-            cost={"nfe": 4.0},
-            n=10,
-            seed=0,
         )
     return url
 

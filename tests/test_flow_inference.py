@@ -29,8 +29,8 @@ from solversearch import (
     solve,
 )
 from solversearch.errors import ScheduleError
+from solversearch.exports import export_diffusers
 from solversearch.models import UNetDenoiser
-from solversearch.search.storage import export_diffusers
 
 SIZE = 8  # latent pixels per side; patch size 1, so 64 image tokens
 EMBED = 12  # width of the (random) prompt embeddings

@@ -154,24 +154,14 @@ def test_text_to_image_loop_with_and_without_guidance(guidance_scale, analytic):
 def test_export_then_scheduler_save_and_load_give_identical_outputs(tmp_path, tiny_unet):
     """`solversearch export` → from_schedule → save_pretrained → from_pretrained → identical outputs."""
     from solversearch.cli import main
-    from solversearch.search.storage import StudyStore
+    from solversearch.search import StudyStore, TrialRecord
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = StudyStore(url, "round-trip")
     schedule = searched_schedule()
     store.record(
-        schedule,
-        "k1",
+        TrialRecord(schedule, key="k1", stage=1, algorithm="s3", metrics={"fid": 1.0}, cost={"nfe": 4.0}, n=10),
         [1.0],
-        {"fid": 1.0},
-        params={},
-        distributions={},
-        diverged=False,
-        stage=1,
-        algorithm="s3",
-        cost={"nfe": 4.0},
-        n=10,
-        seed=0,
     )
     exported = tmp_path / "best.json"
     assert main(["export", "round-trip", "--storage", url, "--out", str(exported)]) == 0

@@ -250,8 +250,8 @@ def test_the_command_line_takes_a_reference_and_rejects_a_bad_one_in_one_line(gm
 
 
 def test_experiments_resolve_the_reference_against_their_folder_and_validate_it(gmm):
-    from solversearch.search.experiment import ExperimentError, experiment_from_dict
-    from solversearch.search.runner import evaluation_settings, study_description
+    from solversearch.search.experiment import ExperimentError, evaluation_settings, experiment_from_dict
+    from solversearch.search.runner import study_description
 
     base = REPO / "experiments"
     doc = yaml.safe_load((base / "gmm_digits.yaml").read_text())

@@ -14,9 +14,15 @@ from solversearch.errors import SolversearchError
 from solversearch.evaluator import EvaluationSettings, Evaluator
 from solversearch.metrics.reference import ArrayCache
 from solversearch.models.spec import load_model
-from solversearch.search.experiment import load_experiment
-from solversearch.search.searchers import Observation, drive, is_refinement, make_searcher, refinement_key
-from solversearch.search.space import load_space
+from solversearch.search import (
+    Observation,
+    drive,
+    is_refinement,
+    load_experiment,
+    load_space,
+    make_searcher,
+    refinement_key,
+)
 from solversearch.search.trainable import refinement_result, trial_result
 
 REPO = Path(__file__).resolve().parents[1]

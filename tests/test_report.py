@@ -11,17 +11,16 @@ from typing import ClassVar
 import pytest
 
 from solversearch import DiscreteVP, presets
-from solversearch.search import report
+from solversearch.search import TrialRecord, report
 from solversearch.search.experiment import load_experiment
 from solversearch.search.report import final_report
-from solversearch.search.storage import StoredEvaluation
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = DiscreteVP.from_diffusers_config({})
 
 
-def stored(number: int, fid: float, schedule, stage: int = 1) -> StoredEvaluation:
-    return StoredEvaluation(
+def stored(number: int, fid: float, schedule, stage: int = 1) -> TrialRecord:
+    return TrialRecord(
         number=number,
         schedule=schedule,
         key=str(number),

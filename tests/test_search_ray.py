@@ -20,8 +20,8 @@ import pytest
 from solversearch.errors import SolversearchError
 from solversearch.evaluator import Evaluator
 from solversearch.schedule import load_schedule
-from solversearch.search.experiment import load_experiment
-from solversearch.search.runner import evaluation_settings, run_search
+from solversearch.search.experiment import evaluation_settings, load_experiment
+from solversearch.search.runner import run_search
 from solversearch.search.storage import StudyStore, open_existing
 
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"

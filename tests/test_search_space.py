@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from solversearch import DiscreteVP, LinearVP, RectifiedFlow, presets
 from solversearch.plan import MIN_LAMBDA_GAP, compile_plan
 from solversearch.search.encoding import ScheduleEncoding
-from solversearch.search.operators import Operators
+from solversearch.search.operators import LambdaOperators
 from solversearch.search.space import SpaceError, load_space, space_from_dict
 
 NOISE = DiscreteVP.from_diffusers_config({})
@@ -70,7 +70,7 @@ def test_unreadable_space_file_is_a_user_error(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), nfe=st.integers(3, 10), space=st.sampled_from([USF, TIMESTEPS]))
 def test_random_mutation_and_crossover_always_stay_valid_and_in_space(seed, nfe, space):
-    ops = Operators(space, nfe, NOISE)
+    ops = LambdaOperators(space, nfe, NOISE)
     rng = np.random.default_rng(seed)
     population = [ops.random(rng) for _ in range(4)] + [
         ops.from_grid("logsnr", rng),
@@ -84,14 +84,14 @@ def test_random_mutation_and_crossover_always_stay_valid_and_in_space(seed, nfe,
 
 
 def test_a_local_move_shifts_one_time_a_little():
-    ops = Operators(load_space("search_spaces/timesteps.yaml"), 6, NOISE)
+    ops = LambdaOperators(load_space("search_spaces/timesteps.yaml"), 6, NOISE)
     rng = np.random.default_rng(0)
     parent = ops.from_grid("logsnr")
     lam = NOISE.lambda_(np.array([t for t in parent.timesteps if t > 0]))
     step = np.diff(lam).min()
     moved = 0
     for _ in range(50):
-        child = ops._move_time(list(parent.timesteps), rng, local=True)
+        child = ops.move_time(list(parent.timesteps), rng, local=True)
         new = NOISE.lambda_(np.array([t for t in child if t > 0]))
         changed = np.flatnonzero(np.abs(new - lam) > 1e-9)
         assert len(changed) <= 1
@@ -102,7 +102,7 @@ def test_a_local_move_shifts_one_time_a_little():
 
 
 def test_relaying_a_grid_keeps_its_lambda_profile():
-    ops = Operators(USF, 10, NOISE)
+    ops = LambdaOperators(USF, 10, NOISE)
     grid = presets.build("ddim", NOISE, 10, "logsnr").timesteps
     relaid = ops.relay_times(grid, 20, 1.0, 1e-3)
     lam = NOISE.lambda_(np.array(relaid))
@@ -111,7 +111,7 @@ def test_relaying_a_grid_keeps_its_lambda_profile():
 
 
 def test_crossover_blends_parents_in_lambda():
-    ops = Operators(TIMESTEPS, 5, NOISE)
+    ops = LambdaOperators(TIMESTEPS, 5, NOISE)
     a, b = ops.from_grid("logsnr"), ops.from_grid("time_uniform")
     rng = np.random.default_rng(1)
     lam = lambda s: NOISE.lambda_(np.array(s.timesteps))
@@ -123,16 +123,16 @@ def test_crossover_blends_parents_in_lambda():
 
 
 def test_the_key_identifies_sampler_behaviour():
-    ops = Operators(USF, 5, NOISE)
+    ops = LambdaOperators(USF, 5, NOISE)
     s = presets.build("unipc_2_bh2", NOISE, 5, "logsnr")
-    assert ops.key(s) == ops.key(s.with_metadata(name="renamed", metrics={"fid": 1.0}))
-    assert ops.key(s) != ops.key(presets.build("unipc_2_bh1", NOISE, 5, "logsnr"))
+    assert ops.canonical_key(s) == ops.canonical_key(s.with_metadata(name="renamed", metrics={"fid": 1.0}))
+    assert ops.canonical_key(s) != ops.canonical_key(presets.build("unipc_2_bh1", NOISE, 5, "logsnr"))
 
 
 def test_repair_caps_orders_and_drops_the_last_corrector():
     from solversearch.schedule import Step
 
-    ops = Operators(USF, 4, NOISE)
+    ops = LambdaOperators(USF, 4, NOISE)
     times = ops.from_grid("logsnr").timesteps
     wild = [
         Step.multistep(1),
@@ -150,7 +150,7 @@ def test_repair_caps_orders_and_drops_the_last_corrector():
 def test_encoding_suggestions_are_valid_and_round_trip(seed, nfe):
     import optuna
 
-    ops = Operators(USF, nfe, NOISE)
+    ops = LambdaOperators(USF, nfe, NOISE)
     encoding = ScheduleEncoding(ops)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     trial = study.ask()
@@ -167,7 +167,7 @@ def test_encoding_suggestions_are_valid_and_round_trip(seed, nfe):
 
 
 def test_operators_work_on_a_continuous_noise_schedule():
-    ops = Operators(USF, 6, LinearVP())
+    ops = LambdaOperators(USF, 6, LinearVP())
     rng = np.random.default_rng(0)
     for _ in range(30):
         assert_in_space(ops.mutate(ops.random(rng), rng), USF, 6, LinearVP())
@@ -182,19 +182,19 @@ def test_a_start_at_pure_noise_on_a_flow_path_is_a_space_error_that_says_where_t
     flow = RectifiedFlow()
     assert flow.lambda_(1.0) == -np.inf
     with pytest.raises(SpaceError, match=r"t_start: \[1\.0\].*at or below the path's t_start 0\.999"):
-        Operators(space, 5, flow)
+        LambdaOperators(space, 5, flow)
 
 
 def test_a_start_at_t_1_is_fine_on_a_vp_path_where_its_lambda_is_finite():
     assert np.isfinite(NOISE.lambda_(1.0))
-    Operators(USF, 5, NOISE)
+    LambdaOperators(USF, 5, NOISE)
 
 
 @pytest.mark.parametrize("path", ["search_spaces/usf_flow.yaml", "search_spaces/timesteps_flow.yaml"])
 def test_the_flow_spaces_start_below_pure_noise_and_their_operators_stay_inside(path):
     space, flow = load_space(path), RectifiedFlow()
     assert max(space.timesteps.t_start) == flow.t_start
-    ops, rng = Operators(space, 5, flow), np.random.default_rng(0)
+    ops, rng = LambdaOperators(space, 5, flow), np.random.default_rng(0)
     for _ in range(30):
         schedule = ops.mutate(ops.random(rng), rng)
         assert_in_space(schedule, space, 5, flow)
@@ -207,7 +207,7 @@ def test_children_of_a_parent_from_pure_noise_start_inside_the_flow_space_and_co
     crossovers of that baseline (it reaches searches through the baseline pool) start at the space's
     nearest start instead, so every child is a valid schedule in the space."""
     space, flow = load_space("search_spaces/usf_flow.yaml"), RectifiedFlow(shift=3.0)
-    ops, rng = Operators(space, 5, flow), np.random.default_rng(0)
+    ops, rng = LambdaOperators(space, 5, flow), np.random.default_rng(0)
     euler = presets.build("ddim", flow, 5, "shifted")
     assert euler.timesteps[0] == 1.0
     for _ in range(50):

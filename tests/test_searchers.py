@@ -11,8 +11,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from solversearch import DiscreteVP, RectifiedFlow, SolverSchedule
-from solversearch.search.searchers import ALGORITHMS, REFINING, Observation, drive, make_searcher
-from solversearch.search.space import load_space
+from solversearch.search import ALGORITHMS, REFINING, Observation, drive, load_space, make_searcher
 
 NOISE = DiscreteVP.from_diffusers_config({})
 USF = load_space("search_spaces/usf.yaml")
@@ -126,7 +125,7 @@ def test_optuna_searchers_warm_start_from_history():
     first = searcher("tpe")
     drive(first, synthetic_metric, 12)
     resumed = searcher("tpe", history=list(first.observations))
-    assert len(resumed.inner._ot_study.trials) == 12
+    assert len(resumed.study.trials) == 12
     keys = []
     drive(resumed, synthetic_metric, 8, on_result=lambda config, result: keys.append(config["key"]))
     assert not set(keys) & {o.key for o in first.observations}
@@ -288,7 +287,7 @@ def test_a_warm_start_schedule_is_evaluated_first_in_stage_zero_beside_the_prese
     configs = []
     drive(warm, synthetic_metric, len(plain.queue) + 1, on_result=lambda config, result: configs.append(config))
     first = configs[0]
-    assert first["key"] == warm.ops.key(SolverSchedule.from_dict(first["schedule"])) and first["stage"] == 0
+    assert first["key"] == warm.ops.canonical_key(SolverSchedule.from_dict(first["schedule"])) and first["stage"] == 0
     assert first["schedule"]["name"] == "warm_start/searched-elsewhere"
     assert first["schedule"]["timesteps"] == json.loads(path.read_text())["timesteps"]
     # what it measured on its own checkpoint is left behind; where it came from is kept

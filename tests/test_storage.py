@@ -21,14 +21,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from solversearch import LinearVP, SolverSchedule, SolversearchError, presets
-from solversearch.search.encoding import ScheduleEncoding
-from solversearch.search.operators import Operators
-from solversearch.search.space import load_space
-from solversearch.search.storage import (
-    StoredEvaluation,
+from solversearch.exports import export_diffusers
+from solversearch.search import (
+    LambdaOperators,
+    ScheduleEncoding,
     StudyStore,
-    export_diffusers,
+    TrialRecord,
     list_studies,
+    load_space,
     redact_url,
     storage_url,
 )
@@ -46,7 +46,7 @@ def space():
 
 @pytest.fixture(scope="module")
 def encoding(space, ddpm_noise):
-    return ScheduleEncoding(Operators(space, NFE, ddpm_noise))
+    return ScheduleEncoding(LambdaOperators(space, NFE, ddpm_noise))
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +97,18 @@ def record(store, encoding, schedule, fid, *, stage=0, algorithm="evolution", di
     params, distributions = encoding.from_schedule(schedule)
     metrics = {"fid": fid, "kid": INF if diverged else fid / 100, "kid_std": INF if diverged else 0.001}
     cost = {"nfe": float(schedule.nfe), "seconds": 1.5, "sampling_seconds": 1.0, "metric_seconds": 0.5}
-    return store.record(
+    record = TrialRecord(
         schedule,
-        schedule.decisions_key(),
-        values if values is not None else [fid],
-        metrics,
-        params=params,
-        distributions=distributions,
-        diverged=diverged,
+        key=schedule.decisions_key(),
         stage=stage,
         algorithm=algorithm,
+        metrics=metrics,
+        diverged=diverged,
         cost=cost,
         n=1000,
         seed=seed,
     )
+    return store.record(record, values if values is not None else [fid], params=params, distributions=distributions)
 
 
 def description(search_space, **changes):
@@ -145,7 +143,7 @@ def test_history_survives_reopening_with_every_attribute(db, encoding, schedules
     history = reopened.history()
     assert [e.number for e in history] == numbers
     for e, schedule in zip(history, schedules):
-        assert isinstance(e, StoredEvaluation)
+        assert isinstance(e, TrialRecord)
         assert e.schedule == SolverSchedule.from_json(schedule.to_json())
         assert e.schedule.name == schedule.name
         assert e.key == schedule.decisions_key()

@@ -20,8 +20,8 @@ from ..grids import GRIDS, grid_applies, make_grid
 from ..noise import NoiseSchedule
 from ..presets import PRESETS, build
 from ..schedule import SolverSchedule
-from .operators import Operators
-from .searchers import Observation, Proposal, ScheduleSearcher
+from .base import Observation, Proposal, ScheduleSearcher
+from .operators import LambdaOperators
 from .space import SearchSpace
 
 ALGORITHM = "baselines"
@@ -37,7 +37,7 @@ def preset_grid_pairs(
 
 
 def variant_schedule(
-    ops: Operators, preset: str, grid: str, t_start: float, t_end: float, first_step: str
+    ops: LambdaOperators, preset: str, grid: str, t_start: float, t_end: float, first_step: str
 ) -> SolverSchedule:
     """The preset with the grid's λ profile re-laid between other end points, and optionally the
     analytic first step (one more step for the same NFE)."""
@@ -73,7 +73,7 @@ class BaselinePool(ScheduleSearcher):
         for nfe_ in self.nfes:
             for preset, grid in preset_grid_pairs(noise, presets, grids):
                 schedule = build(preset, noise, nfe_, grid)  # as the preset defines it
-                key = self.ops.key(schedule)
+                key = self.ops.canonical_key(schedule)
                 if key in self.generation_zero:
                     continue  # two grids that coincide at this NFE
                 self.generation_zero[key] = (nfe_, preset, grid)
@@ -106,7 +106,7 @@ class BaselinePool(ScheduleSearcher):
         product grows as the space's choices multiply."""
         ts, space, proposals, keys = self.ops.space.timesteps, self.ops.space, [], set()
         for nfe in self.nfes:
-            ops = Operators(space, nfe, self.ops.noise)
+            ops = LambdaOperators(space, nfe, self.ops.noise)
             scored = [
                 (o.value, o.key)
                 for o in self.observations

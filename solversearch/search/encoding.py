@@ -15,7 +15,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from ..schedule import SolverSchedule, Step
-from .operators import Operators
+from .operators import LambdaOperators
 
 WEIGHT_RANGE = (0.01, 1.0)
 
@@ -23,7 +23,7 @@ WEIGHT_RANGE = (0.01, 1.0)
 class ScheduleEncoding:
     """Maps between schedules of one space/NFE and flat parameters (define-by-run for Optuna)."""
 
-    def __init__(self, operators: Operators):
+    def __init__(self, operators: LambdaOperators):
         self.ops = operators
         self.space = operators.space
 
@@ -46,7 +46,7 @@ class ScheduleEncoding:
         lam0 = float(self.ops.noise.lambda_(t_start))
         lam_end = self.ops.lambda_max if t_end == 0 else float(self.ops.noise.lambda_(t_end))
         lams = lam0 + np.concatenate([[0.0], np.cumsum(weights) / weights.sum()]) * (lam_end - lam0)
-        times = self.ops._times_from_lambdas(lams, t_start, t_end)
+        times = self.ops.times_from_lambdas(lams, t_start, t_end)
         steps = []
         for i in range(n):
             if space.fixed_solver:

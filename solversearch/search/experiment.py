@@ -14,7 +14,11 @@ from typing import Any
 
 from ..errors import SolversearchError
 from ..evaluator import EvaluationSettings
+from ..grids import GRIDS
+from ..presets import PRESETS
+from ..refine import HELDOUT_SEED, TRAIN_SEED
 from .files import read_yaml
+from .registry import ALGORITHMS, REFINING
 from .space import SearchSpace, load_space
 
 # Objectives a search may minimise: FID / KID to the reference distribution, the perceptual distance to
@@ -225,8 +229,6 @@ def experiment_from_dict(doc: Any, base: Path = Path("."), default_name: str = "
     validation_doc = _mapping(doc.get("validation", {}), "validation")
     _no_unknown(validation_doc, {"seed", "seeds", "n_factor", "select_top"}, "validation.")
 
-    from .searchers import ALGORITHMS
-
     algorithm = algorithm_doc.get("name", "s3")
     if algorithm not in ALGORITHMS:
         raise ExperimentError(f"algorithm.name: unknown algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
@@ -271,10 +273,8 @@ def _check_seeds(experiment: Experiment) -> Experiment:
             f"validation.seed: the validation seeds {list(experiment.validation_seeds)} include seed {clash[0]}, which "
             f"the search (metric.seed {search}) or the selection (seed {selection}) uses; pick another validation.seed"
         )
-    refine = experiment.algorithm_settings.get("refine") if experiment.algorithm in ("refine", "s3_refine") else None
+    refine = experiment.algorithm_settings.get("refine") if experiment.algorithm in REFINING else None
     if isinstance(refine, Mapping):
-        from ..refine import HELDOUT_SEED, TRAIN_SEED
-
         used = {search, selection, *experiment.validation_seeds}
         for name, default in (("seed", TRAIN_SEED), ("heldout_seed", HELDOUT_SEED)):
             if refine.get(name, default) in used:
@@ -298,9 +298,6 @@ def _algorithm_settings(value: Any, base: Path) -> dict[str, Any]:
 
 
 def _baselines(value: Any) -> dict[str, Any]:
-    from ..grids import GRIDS
-    from ..presets import PRESETS
-
     doc = _mapping(value or {}, "baselines")
     _no_unknown(doc, {"presets", "grids", "variants_of"}, "baselines.")
     chosen = {}

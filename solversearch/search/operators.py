@@ -1,19 +1,22 @@
-"""Search operators on schedules: random sampling, mutation, crossover, repair and the canonical key.
+"""Search operators on schedules: one interface, two implementations.
 
-Every operator returns a valid schedule inside the space: `repair` caps orders at the available
-history, drops a corrector from the last step, keeps times strictly decreasing and apart in λ, and
-never silently drops a step. Times move in log-SNR λ, with local moves (small shifts relative to
-the neighbouring steps) as well as resets, and grids are re-laid (`relay_times`) when the number of
-steps or the end points change.
+`ScheduleOperators` is what a searcher breeds with: random members of the space, mutation, crossover,
+projection into the space and the canonical key. `LambdaOperators` moves continuous times in log-SNR λ
+(local shifts relative to the neighbouring steps, resets, grids re-laid with `relay_times`) and every
+per-step decision; `TimestepOperators` moves AutoDiffusion's integer training timesteps and per-step
+skipped network blocks within a MAC budget. Both return valid schedules inside the space and never
+silently drop a step without reason (the timestep operators drop one only to meet the budget).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,8 +32,38 @@ COEFFICIENT_DIGITS = 3  # linear scaling coefficients are kept on a 1e-3 lattice
 assert LAMBDA_MARGIN > MIN_LAMBDA_GAP
 
 
-class Operators:
-    """Random / mutate / crossover / repair for one space, NFE budget and noise schedule."""
+def canonical_key(schedule: SolverSchedule, noise: NoiseSchedule) -> str:
+    """The key a search identifies a schedule by (`Proposal.key`, a stored trial's "key"): equal for
+    schedules that sample identically on `noise`'s path up to λ rounding (1e-4), whatever their metadata.
+    Unlike `SolverSchedule.decisions_key` (the exact times), it does not tell apart times a search could
+    not tell apart, so a search never evaluates the same sampler twice."""
+    lams = [round(float(x), 4) if math.isfinite(x) else "inf" for x in noise.lambda_(np.array(schedule.timesteps))]
+    doc = {"lambda": lams, "first": schedule.first_step, "steps": [s.to_dict() for s in schedule.steps]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class ScheduleOperators(Protocol):
+    """What a searcher breeds with, for one space, NFE budget and noise path. Every method returns a
+    valid schedule inside the space; all randomness comes from the generator given."""
+
+    space: SearchSpace
+    nfe: int
+    noise: NoiseSchedule
+
+    def canonical_key(self, schedule: SolverSchedule) -> str: ...
+
+    def random(self, rng: np.random.Generator) -> SolverSchedule: ...
+
+    def mutate(self, schedule: SolverSchedule, rng: np.random.Generator, strength: int = 1) -> SolverSchedule: ...
+
+    def crossover(self, a: SolverSchedule, b: SolverSchedule, rng: np.random.Generator) -> SolverSchedule: ...
+
+    def project(self, schedule: SolverSchedule) -> SolverSchedule: ...
+
+
+class LambdaOperators:
+    """Continuous times in λ and every per-step decision: random / mutate / crossover / repair for one
+    space, NFE budget and noise schedule."""
 
     def __init__(self, space: SearchSpace, nfe: int, noise: NoiseSchedule, units: Sequence[str] = ()):
         check_start_times(space, noise)
@@ -60,7 +93,7 @@ class Operators:
         lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
         fractions = np.cumsum(rng.dirichlet(np.ones(n)))  # n increments; with t_end = 0 the last is the tail
         lams = lam0 + np.concatenate([[0.0], fractions]) * (lam_end - lam0)
-        times = self._times_from_lambdas(lams, t_start, t_end)
+        times = self.times_from_lambdas(lams, t_start, t_end)
         steps = [self._random_step(rng, i, n) for i in range(n)]
         if self.max_skipped:
             steps = [replace(s, skip=self._random_skip(rng)) for s in steps]
@@ -93,7 +126,7 @@ class Operators:
                 moves += ["skip"] * 2
             move = _pick(rng, moves)
             if move in ("shift", "reset"):
-                times = self._move_time(times, rng, local=move == "shift")
+                times = self.move_time(times, rng, local=move == "shift")
             elif move == "ends":
                 ts = self.space.timesteps
                 times = self.relay_times(times, len(steps), _pick(rng, ts.t_start), _pick(rng, ts.t_end))
@@ -117,7 +150,7 @@ class Operators:
         b_times = self.relay_times(b.timesteps, n, a.timesteps[0], a.timesteps[-1])
         weight = float(rng.uniform(0.0, 1.0))
         lam_a, lam_b = self.lambdas(a.timesteps), self.lambdas(b_times)
-        times = self._times_from_lambdas(
+        times = self.times_from_lambdas(
             np.append((1 - weight) * lam_a + weight * lam_b, self.lambda_max)
             if a.ends_at_zero
             else (1 - weight) * lam_a + weight * lam_b,
@@ -165,13 +198,8 @@ class Operators:
         ]
         return SolverSchedule(timesteps=tuple(times), steps=tuple(repaired), first_step=first_step)
 
-    def key(self, schedule: SolverSchedule) -> str:
-        """Canonical key: equal for schedules that sample identically up to λ rounding (1e-4)."""
-        lams = [
-            round(float(x), 4) if math.isfinite(x) else "inf" for x in self.noise.lambda_(np.array(schedule.timesteps))
-        ]
-        doc = {"lambda": lams, "first": schedule.first_step, "steps": [s.to_dict() for s in schedule.steps]}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+    def canonical_key(self, schedule: SolverSchedule) -> str:
+        return canonical_key(schedule, self.noise)
 
     def relay_times(self, times, n_steps: int, t_start: float, t_end: float) -> list[float]:
         """Re-lay a grid's λ profile onto `n_steps` steps from t_start to t_end, keeping its shape:
@@ -184,7 +212,7 @@ class Operators:
         new = np.interp(np.linspace(0, 1, n_steps + 1), np.linspace(0, 1, len(profile)), profile)
         lam0 = float(self.lambdas([t_start])[0])
         lam_end = self.lambda_max if t_end == 0 else float(self.noise.lambda_(t_end))
-        return self._times_from_lambdas(lam0 + new * (lam_end - lam0), t_start, t_end)
+        return self.times_from_lambdas(lam0 + new * (lam_end - lam0), t_start, t_end)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -193,7 +221,7 @@ class Operators:
         t = np.asarray([x for x in times if x > 0], dtype=np.float64)
         return np.maximum(self.noise.lambda_(t), self.lambda_min)
 
-    def _times_from_lambdas(self, lams: np.ndarray, t_start: float, t_end: float) -> list[float]:
+    def times_from_lambdas(self, lams: np.ndarray, t_start: float, t_end: float) -> list[float]:
         """n + 1 λ values → times; with t_end = 0 the last λ (the tail end) is replaced by t = 0."""
         t = [float(x) for x in self.noise.t_of_lambda(np.asarray(lams, dtype=np.float64))]
         t[0] = t_start
@@ -217,7 +245,7 @@ class Operators:
             out.append(0.0)
         return out
 
-    def _move_time(self, times: list[float], rng: np.random.Generator, local: bool) -> list[float]:
+    def move_time(self, times: list[float], rng: np.random.Generator, local: bool) -> list[float]:
         lams = self.lambdas(times)
         free_last = len(lams) - 1 if times[-1] > 0 else len(lams)
         if free_last <= 1:
@@ -354,3 +382,172 @@ def _resize_steps(steps: list[Step], n: int) -> list[Step]:
 def _pick(rng: np.random.Generator, options):
     options = list(options)
     return options[int(rng.integers(len(options)))]
+
+
+class TimestepOperators:
+    """AutoDiffusion's operators: integer training timesteps of a discrete model (largest first, ending
+    with the denoising step), the space's fixed solver on them, and per-step sets of skipped network
+    units of at most `skip_ratio` of them, within the MAC budget of `nfe` unpruned evaluations.
+
+    Unlike the public code: mutations of times are local moves as well as resets, a skip mutation always
+    changes the set, and crossover never creates duplicate timesteps. `with_skip_ratio` gives the
+    operators of a generation that may skip a larger share (AutoDiffusion's second stage)."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        nfe: int,
+        noise: Any,  # a DiscreteVP: only it has integer training timesteps
+        costs: Any,  # the model's UnitCosts: the MACs of a full evaluation and of each unit
+        units: Sequence[str] = (),
+        min_first_step: float = 0.5,
+        skip_ratio: float = 0.0,
+    ):
+        self.space, self.nfe, self.noise = space, nfe, noise
+        self.costs, self.units = costs, tuple(units)
+        self.skip_ratio = skip_ratio
+        self.mac_budget = int(nfe * costs.full)  # the NFE budget, unpruned
+        self.n_train = noise.num_train_timesteps
+        self.min_first = int(min_first_step * self.n_train)
+
+    def with_skip_ratio(self, ratio: float) -> TimestepOperators:
+        """The same operators allowing another share of skipped units per step."""
+        other = copy.copy(self)
+        other.skip_ratio = ratio
+        return other
+
+    def canonical_key(self, schedule: SolverSchedule) -> str:
+        return canonical_key(schedule, self.noise)
+
+    # --- construction -------------------------------------------------------------------------
+
+    def timesteps_of(self, schedule: SolverSchedule) -> list[int]:
+        return [round(t * self.n_train - 1) for t in schedule.timesteps if t > 0]
+
+    def build(self, steps: Sequence[int], skips: Sequence[Sequence[str]]) -> SolverSchedule:
+        """The fixed solver on integer timesteps (largest first), ending with the denoising step."""
+        times = [(n + 1) / self.n_train for n in steps] + [0.0]
+        base = PRESETS[self.space.solver].build(times)
+        # A searched schedule is no longer the preset: it must not carry the preset's name.
+        return replace(base, name="", steps=tuple(replace(s, skip=tuple(k)) for s, k in zip(base.steps, skips)))
+
+    def random(self, rng: np.random.Generator) -> SolverSchedule:
+        """`nfe` distinct random timesteps (the first in the upper range), nothing skipped."""
+        k = self.nfe
+        first = int(rng.integers(self.min_first, self.n_train))
+        rest = rng.choice(first, size=k - 1, replace=False) if k > 1 else []
+        steps = sorted([first, *map(int, rest)], reverse=True)
+        return self.repair(steps, [[] for _ in steps], rng)
+
+    def from_grid(self, grid: str, rng: np.random.Generator) -> SolverSchedule:
+        """A named grid rounded to training timesteps, nothing skipped (`rng` only breaks a budget tie)."""
+        times = make_grid(grid, self.noise, self.nfe)
+        steps = [round(t * self.n_train - 1) for t in times[:-1]]
+        return self.repair(steps, [[] for _ in steps], rng)
+
+    def project(self, schedule: SolverSchedule) -> SolverSchedule:
+        """The schedule on its nearest training timesteps with the space's solver, its skips kept."""
+        return self.repair(
+            self.timesteps_of(schedule), [list(s.skip) for s in schedule.steps], np.random.default_rng(0)
+        )
+
+    # --- variation ----------------------------------------------------------------------------
+
+    def mutate(self, schedule: SolverSchedule, rng: np.random.Generator, strength: int = 1) -> SolverSchedule:
+        """`strength` edits: a local move or a reset of one timestep; once skipping is allowed also a
+        changed skip set, an extra step in the widest gap, or a dropped step."""
+        steps, skips = self.timesteps_of(schedule), [list(s.skip) for s in schedule.steps]
+        for _ in range(max(1, strength)):
+            moves = ["local", "local", "reset"]
+            if self.skip_ratio > 0:
+                moves += ["skip", "skip", "add_step", "remove_step"]
+            move = moves[int(rng.integers(len(moves)))]
+            if move in ("local", "reset"):
+                steps = self._move(steps, rng, local=move == "local")
+            elif move == "skip":
+                i = int(rng.integers(len(skips)))
+                skips[i] = self._toggle(skips[i], rng)
+            elif move == "add_step":
+                steps, skips = _add_step(steps, skips)
+            elif len(steps) > 2:
+                j = int(rng.integers(1, len(steps)))
+                del steps[j], skips[j]
+        return self.repair(steps, skips, rng)
+
+    def crossover(self, a: SolverSchedule, b: SolverSchedule, rng: np.random.Generator) -> SolverSchedule:
+        """a's number of steps; timesteps drawn without replacement from both parents' (so no
+        duplicates), each step's skip set from the parent that has that timestep."""
+        pool: dict[int, list[str]] = {}
+        for parent in (b, a):  # a's skip sets win where both parents share a timestep
+            for n, step in zip(self.timesteps_of(parent), parent.steps):
+                pool[n] = list(step.skip)
+        k = a.n_steps
+        chosen = sorted(rng.choice(sorted(pool), size=min(k, len(pool)), replace=False).tolist(), reverse=True)
+        return self.repair(chosen, [pool[n] for n in chosen], rng)
+
+    # --- validity -----------------------------------------------------------------------------
+
+    def repair(self, steps: list[int], skips: list[list[str]], rng: np.random.Generator) -> SolverSchedule:
+        """Distinct decreasing timesteps in range, skip sets within the ratio, cost within budget."""
+        order = sorted(range(len(steps)), key=lambda i: -steps[i])
+        steps, skips = [steps[i] for i in order], [list(dict.fromkeys(skips[i])) for i in order]
+        steps[0] = int(np.clip(steps[0], self.min_first, self.n_train - 1))
+        for i in range(1, len(steps)):
+            steps[i] = min(steps[i], steps[i - 1] - 1)
+        while steps and steps[-1] < 0:
+            del steps[-1], skips[-1]
+        cap = int(self.skip_ratio * len(self.units))
+        skips = [[u for u in self.units if u in set(s)][:cap] for s in skips]
+        schedule = self.build(steps, skips)
+        while self.costs.schedule_cost(schedule) > self.mac_budget:
+            # Over budget: at a random step with room under the cap, skip the most expensive unit it
+            # still runs (greedy, so pruning can pay for an extra step); else drop a step.
+            room = [i for i, s in enumerate(skips) if len(s) < cap]
+            if room:
+                i = room[int(rng.integers(len(room)))]
+                running = [u for u in self.units if u not in skips[i]]
+                skips[i] = [*skips[i], max(running, key=lambda u: self.costs.units[u])]
+            else:
+                j = int(rng.integers(1, len(steps))) if len(steps) > 1 else 0
+                del steps[j], skips[j]
+            schedule = self.build(steps, skips)
+        return schedule
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _move(self, steps: list[int], rng: np.random.Generator, local: bool) -> list[int]:
+        j = int(rng.integers(len(steps)))
+        high = self.n_train - 1 if j == 0 else steps[j - 1] - 1
+        low = self.min_first if j == 0 else (steps[j + 1] + 1 if j + 1 < len(steps) else 0)
+        if high <= low:
+            return steps
+        if local:
+            scale = max(1.0, 0.3 * min(high - steps[j], steps[j] - low, (high - low) / 2))
+            value = steps[j] + round(rng.normal(0.0, scale)) or steps[j] + 1
+        else:
+            value = int(rng.integers(low, high + 1))
+        steps = list(steps)
+        steps[j] = int(np.clip(value, low, high))
+        return steps
+
+    def _toggle(self, skip: list[str], rng: np.random.Generator) -> list[str]:
+        cap = int(self.skip_ratio * len(self.units))
+        if cap == 0:
+            return []
+        unit = self.units[int(rng.integers(len(self.units)))]
+        if unit in skip:
+            return [u for u in skip if u != unit]
+        if len(skip) >= cap:
+            skip = [u for u in skip if u != skip[int(rng.integers(len(skip)))]]
+        return [*skip, unit]
+
+
+def _add_step(steps: list[int], skips: list[list[str]]) -> tuple[list[int], list[list[str]]]:
+    """A new timestep in the widest gap (between the last timestep and 0 counts too)."""
+    bounds = [*steps, -1]
+    gaps = [bounds[i] - bounds[i + 1] for i in range(len(steps))]
+    i = int(np.argmax(gaps))
+    if gaps[i] < 2:
+        return steps, skips
+    new = (bounds[i] + bounds[i + 1]) // 2 if bounds[i + 1] >= 0 else bounds[i] // 2
+    return [*steps[: i + 1], new, *steps[i + 1 :]], [*skips[: i + 1], [], *skips[i + 1 :]]

@@ -18,10 +18,13 @@ from typing import TypeVar
 from ..errors import SolversearchError
 from ..evaluator import EvaluationResult, EvaluationSettings, Evaluator
 from ..models.spec import ModelHandle
+from ..presets import PRESETS
 from ..statistics import PairedDifference, excess_ratio, paired_difference
 from .baseline_pool import ALGORITHM as BASELINE_POOL
+from .database import storage_url
 from .experiment import Experiment, evaluation_settings
-from .storage import StoredEvaluation, open_existing, storage_url
+from .record import TrialRecord
+from .storage import open_existing
 
 # Every view of quality the report shows side by side, whatever the search optimised.
 REPORT_METRICS = ("fid", "kid", "teacher_distance", "error_to_reference")
@@ -37,7 +40,7 @@ class ReportRow:
     """One schedule of the final comparison: as stored, on the selection seed, on each validation seed."""
 
     label: str
-    stored: StoredEvaluation
+    stored: TrialRecord
     selection: EvaluationResult | None
     validation: tuple[EvaluationResult, ...] = ()
 
@@ -95,17 +98,15 @@ class Report:
         }
 
 
-def is_baseline(evaluation: StoredEvaluation) -> bool:
+def is_baseline(evaluation: TrialRecord) -> bool:
     """The baseline pool's evaluations; in studies from before the pool, the stage-0 presets
     (named "<preset>/<grid>/nfe<N>")."""
-    from ..presets import PRESETS
-
     if evaluation.algorithm == BASELINE_POOL:
         return True
     return evaluation.stage == 0 and evaluation.schedule.name.split("/")[0] in PRESETS
 
 
-def ranked(history: list[StoredEvaluation], baselines: bool) -> list[StoredEvaluation]:
+def ranked(history: list[TrialRecord], baselines: bool) -> list[TrialRecord]:
     """Finished, non-diverged evaluations of one kind, best stored value first (ties by key)."""
     pool = [e for e in history if not e.diverged and math.isfinite(e.values[0]) and is_baseline(e) == baselines]
     return sorted(pool, key=lambda e: (e.values[0], e.key))
@@ -114,14 +115,14 @@ def ranked(history: list[StoredEvaluation], baselines: bool) -> list[StoredEvalu
 def final_report(
     experiment: Experiment,
     model: ModelHandle,
-    history: list[StoredEvaluation],
+    history: list[TrialRecord],
     validate: bool,
     on_progress: Progress | None = None,
 ) -> Report:
     """Rows: this search's winner, its best pruned schedule (when it evaluated any), each compared
     study's winner, and the best baseline of them all; with `validate`, scored as described above."""
     searched = ranked(history, baselines=False)
-    pools: list[tuple[str, list[StoredEvaluation]]] = [
+    pools: list[tuple[str, list[TrialRecord]]] = [
         (SEARCHED, searched),
         ("best pruned", [e for e in searched if any(step.skip for step in e.schedule.steps)]),
     ]
@@ -216,7 +217,7 @@ class _Scored:
         self.evaluator = evaluator
         self.results: dict[str, EvaluationResult] = {}
 
-    def __call__(self, evaluation: StoredEvaluation) -> EvaluationResult:
+    def __call__(self, evaluation: TrialRecord) -> EvaluationResult:
         if evaluation.key not in self.results:
             self.results[evaluation.key] = self.evaluator.evaluate(evaluation.schedule)
         return self.results[evaluation.key]

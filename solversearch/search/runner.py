@@ -11,14 +11,13 @@ the winner is written as `<study>.json` with that comparison in its provenance.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,20 @@ from ..errors import SearchInterrupted, SolversearchError
 from ..evaluator import METRIC_NAMES, Evaluator, Prepared
 from ..models.spec import ModelHandle, load_model
 from ..refine import RefineSettings, prepare_teachers
-from ..schedule import SolverSchedule
+from .base import Observation, Proposal, ScheduleSearcher, drive
 from .baseline_pool import ALGORITHM as BASELINE_POOL
 from .baseline_pool import BaselinePool
 from .batching import MEMBER, BatchingSearcher, member_config
+from .database import backend_of, redact_url, storage_url
 from .encoding import ScheduleEncoding
 from .experiment import Experiment, evaluation_settings
 from .interruption import StopRequest, stop_on_signals, tuning
-from .operators import Operators
+from .operators import LambdaOperators
+from .provenance import exported_schedule
+from .record import TrialRecord
+from .registry import REFINING, make_searcher
 from .report import BEST_BASELINE, SEARCHED, Report, final_report
-from .searchers import REFINING, Observation, ScheduleSearcher, drive, make_searcher
-from .storage import StoredEvaluation, StudyStore, redact_url, storage_url
+from .storage import StudyStore
 from .trainable import EvaluationContext, evaluate_trial, trial_result
 
 
@@ -48,8 +50,8 @@ class SearchOutcome:
     evaluations: int  # in the study: the baseline pool and the searched schedules
     baseline_evaluations: int
     new_evaluations: int
-    best: StoredEvaluation | None
-    best_baseline: StoredEvaluation | None
+    best: TrialRecord | None
+    best_baseline: TrialRecord | None
     report: Report
     exported: Path | None
     seconds: float
@@ -93,23 +95,14 @@ def open_store(experiment: Experiment, model: ModelHandle) -> StudyStore:
     )
 
 
-def observations_from(history: list[StoredEvaluation], metric: str) -> list[Observation]:
-    return [
-        Observation(
-            e.schedule, e.key, math.inf if e.diverged else float(e.metrics.get(metric, math.inf)), e.stage, e.algorithm
-        )
-        for e in history
-    ]
+def observations_from(history: list[TrialRecord], metric: str) -> list[Observation]:
+    return [Observation.from_record(record, metric) for record in history]
 
 
-def build_searcher(experiment: Experiment, model: ModelHandle, history: list[StoredEvaluation]) -> ScheduleSearcher:
+def searcher_for(experiment: Experiment, model: ModelHandle, history: list[TrialRecord]) -> ScheduleSearcher:
+    """The experiment's searcher from the registry, rebuilt from the study's `history` (a resumed search).
+    Only what the experiment and model hold is gathered here; names and settings are the registry's."""
     metric = list(objectives(experiment)) if len(objectives(experiment)) > 1 else experiment.metric.name
-    nfe = experiment.nfe
-    if not isinstance(nfe, int) and experiment.algorithm != "nsga2":
-        raise SolversearchError(
-            f"nfe: a list of budgets ({list(nfe)}) needs algorithm nsga2 with objectives [metric, nfe]"
-        )
-    values = {e.key: list(e.values) for e in history} if len(objectives(experiment)) > 1 else None
     units, costs = pruning_context(experiment, model)
     settings = dict(experiment.algorithm_settings)
     if experiment.algorithm in REFINING:  # refinement learns in the metric's feature space
@@ -120,13 +113,12 @@ def build_searcher(experiment: Experiment, model: ModelHandle, history: list[Sto
     return make_searcher(
         experiment.algorithm,
         experiment.space,
-        nfe,
+        experiment.nfe,
         model.noise_schedule,
         settings=settings,
         seed=experiment.algorithm_seed,  # the same seed on resume: the searcher re-plans its generation and skips what is done
         metric=metric,
         history=observations_from(history, experiment.metric.name),
-        history_values=values,
         units=units,
         costs=costs,
     )
@@ -164,45 +156,19 @@ class StudyRecorder:
         self.predictor_before = float(store.get_attr("predictor_seconds", 0.0))
         self.best = min((e.values[0] for e in store.history() if math.isfinite(e.values[0])), default=math.inf)
 
-    def record(self, config: dict[str, Any], result: dict[str, Any]) -> None:
-        refined = "refined_schedule" in result  # a refinement trial: what was evaluated is the refined schedule
-        schedule = (
-            SolverSchedule.from_json(result["refined_schedule"])
-            if refined
-            else SolverSchedule.from_dict(config["schedule"])
-        )
-        schedule = schedule.with_metadata(
-            name=schedule.name or f"{self.experiment.study_name}/{config['key']}",
+    def record(self, config: dict[str, Any], report: dict[str, Any]) -> None:
+        """Store the trial of `config` (its proposal) that reported `report` (a `TrialRecord.to_report()`)."""
+        record = Proposal.from_config(config).record(report, str(config["algorithm"]))
+        schedule = record.schedule.with_metadata(
+            name=record.schedule.name or f"{self.experiment.study_name}/{record.key}",
             noise_schedule=self.noise.to_dict(),
         )
         encoding = self.encodings.setdefault(
-            schedule.nfe, ScheduleEncoding(Operators(self.experiment.space, schedule.nfe, self.noise))
+            schedule.nfe, ScheduleEncoding(LambdaOperators(self.experiment.space, schedule.nfe, self.noise))
         )
         params, distributions = encoding.from_schedule(schedule)
-        diverged = bool(result.get("diverged"))
-        metrics = {k: float(result[k]) for k in METRIC_NAMES if _number(result.get(k))}
-        values = [math.inf if diverged else float(result[o]) for o in objectives(self.experiment)]
-        cost = {
-            k: float(result[k])
-            for k in ("nfe", "seconds", "sampling_seconds", "metric_seconds", "macs", "refine_seconds")
-            if _number(result.get(k))
-        }
-        self.store.record(
-            schedule,
-            config["key"],
-            values,
-            metrics,
-            params=params,
-            distributions=distributions,
-            diverged=diverged,
-            stage=int(config["stage"]),
-            algorithm=str(config["algorithm"]),
-            cost=cost,
-            n=int(result["n"]),
-            seed=int(result["seed"]),
-            worker={k: result[k] for k in ("node", "pid", "device", "built_evaluator", "prepared") if k in result},
-            refinement=json.loads(result["refinement"]) if refined else None,
-        )
+        values = [record.value(o) for o in objectives(self.experiment)]
+        self.store.record(replace(record, schedule=schedule), values, params=params, distributions=distributions)
         self.recorded += 1
         if math.isfinite(values[0]):
             self.best = min(self.best, values[0])
@@ -261,7 +227,7 @@ def _search(
     started = time.perf_counter()
     notify = on_update or (lambda update: None)
     model = load_model(experiment.model)
-    build_searcher(experiment, model, [])  # the algorithm and its settings (a warm start's file) fail before any work
+    searcher_for(experiment, model, [])  # the algorithm and its settings (a warm start's file) fail before any work
     settings = evaluation_settings(experiment)
     prepared = Evaluator(model, settings).prepare(
         lambda what, done, total: notify({"phase": "prepare", "what": what, "done": done, "total": total})
@@ -302,7 +268,7 @@ def _evaluate(
             context = EvaluationContext(
                 model=experiment.model, settings=settings, threads=max(1, int(experiment.resources.cpu))
             )
-            searcher = build_searcher(experiment, model, history)
+            searcher = searcher_for(experiment, model, history)
             if getattr(
                 searcher, "refine_settings", None
             ):  # the refinement batches' teachers: built here once, read by the workers
@@ -358,28 +324,17 @@ def _report_and_export(
     exported = None
     best = report.row(SEARCHED)
     if best is not None:
-        winner = best.stored.schedule.with_metadata(
+        winner = exported_schedule(
+            best.stored,
+            experiment.study_name,
+            study_description(experiment, model),
+            comparison=report.comparison_record() if report.comparisons else None,
             metrics={
-                **best.stored.metrics,
-                **{
-                    f"validation_{m}": best.mean(m)
-                    for m in METRIC_NAMES
-                    if best.validation and math.isfinite(best.mean(m))
-                },
+                f"validation_{m}": best.mean(m) for m in METRIC_NAMES if best.validation and math.isfinite(best.mean(m))
             },
-            model_fingerprint=model.fingerprint,
-            provenance={
-                "study": experiment.study_name,
-                "trial": best.stored.number,
-                "algorithm": best.stored.algorithm,
-                "storage": redact_url(storage_url(experiment.storage_url)),
-                "experiment": experiment.name,
-                "model": experiment.model,
-                "prediction_type": model.denoiser.prediction_type,
-                "objective": experiment.metric.name,
-                **({"refinement": best.stored.refinement} if best.stored.refinement else {}),
-                **({"comparison": report.comparison_record()} if report.comparisons else {}),
-            },
+            storage=redact_url(storage_url(experiment.storage_url)),
+            experiment=experiment.name,
+            objective=experiment.metric.name,
         )
         folder = export_dir or Path(".")
         folder.mkdir(parents=True, exist_ok=True)  # a search's result is never lost to a missing folder
@@ -509,10 +464,11 @@ class _Record(Callback):
 
     def _record(self, trial, result) -> None:
         member = member_config(trial.config, result)
-        if self.recorder is None or member is None or (trial.trial_id, result[MEMBER]) in self.recorded:
+        if self.recorder is None or member is None or not TrialRecord.in_report(result):
             return
-        self.recorded.add((trial.trial_id, result[MEMBER]))
-        self.recorder.record(member, result)
+        if (trial.trial_id, result[MEMBER]) not in self.recorded:
+            self.recorded.add((trial.trial_id, result[MEMBER]))
+            self.recorder.record(member, result)
 
     def __reduce__(self):
         # Tune pickles its callbacks for its own restore files; a search resumes from the study instead,
@@ -546,15 +502,10 @@ def check_cluster_storage(url: str) -> None:
     """On a cluster of several nodes the study must live in a database every node reaches: the search
     may be driven, resumed or inspected from any of them. SQLite is a file on one machine."""
     import ray
-    from sqlalchemy.engine import make_url
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and make_url(url).get_backend_name() == "sqlite":
+    if len(nodes) > 1 and backend_of(url) == "sqlite":
         raise SolversearchError(
             f"the Ray cluster has {len(nodes)} nodes but the storage is SQLite ({redact_url(url)}); use a shared "
             "database, e.g. --storage postgresql+psycopg2://user@db-host:5432/solversearch (password in PGPASSWORD)"
         )
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

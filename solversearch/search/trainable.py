@@ -7,17 +7,19 @@ the driver through Ray's object store: a worker never builds them.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..evaluator import METRIC_NAMES, EvaluationSettings, Evaluator, Prepared
+from ..evaluator import EvaluationSettings, Evaluator, Prepared
 from ..metrics.reference import ArrayCache
+from ..models.spec import load_model
+from ..refine import RefineSettings, refine
 from ..schedule import SolverSchedule
 from .batching import MEMBER, MEMBERS
+from .record import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,6 @@ def evaluator_for(context: EvaluationContext, prepared: Prepared | None = None) 
     """This process's evaluator for `context`, built on first use (on the GPU Ray assigned, if any).
     With `prepared` (the driver's reference statistics and teacher) it builds neither."""
     if context not in _EVALUATORS:
-        from ..models.spec import load_model
-
         torch.set_num_threads(max(1, context.threads))
         settings = context.settings
         if _assigned_gpus():
@@ -80,36 +80,30 @@ def refinement_result(
     evaluator: Evaluator, parent: SolverSchedule, settings: dict[str, Any], built_evaluator: bool = False
 ) -> dict[str, Any]:
     """Refine `parent` on the evaluator's model (on its device), then score the refined schedule: its
-    result, the refined schedule as JSON, and the refinement's summary and cost."""
-    from ..refine import RefineSettings, refine
-
+    report carries the refined schedule and the refinement's summary and cost (`TrialRecord.to_report`)."""
     refinement = refine(
         evaluator.model, parent, RefineSettings(**settings, device=str(evaluator.device)), cache=evaluator.cache
     )
-    return {
-        **trial_result(evaluator, refinement.schedule, built_evaluator=built_evaluator),
-        "refined_schedule": refinement.schedule.to_json(indent=None),
-        "refinement": json.dumps(refinement.summary()),
-        "refine_seconds": refinement.seconds,
-    }
+    record = TrialRecord.from_result(
+        evaluator.evaluate(refinement.schedule),
+        refinement.schedule,
+        worker=_worker(evaluator, built_evaluator),
+        refinement=refinement.summary(),
+        refine_seconds=refinement.seconds,
+    )
+    return record.to_report()
 
 
 def trial_result(evaluator: Evaluator, schedule: SolverSchedule, built_evaluator: bool = False) -> dict[str, Any]:
-    """Evaluate the schedule: the result as a trial reports it (metrics, cost, where it ran). The driver
-    evaluates the baseline pool with this too, so both kinds of trial are recorded alike."""
-    result = evaluator.evaluate(schedule)
-    metrics = result.metrics()
+    """Evaluate the schedule: what the trial reports (`TrialRecord.to_report`: metrics, cost, where it
+    ran). The driver evaluates the baseline pool with this too, so both kinds of trial are recorded alike."""
+    record = TrialRecord.from_result(evaluator.evaluate(schedule), schedule, worker=_worker(evaluator, built_evaluator))
+    return record.to_report()
+
+
+def _worker(evaluator: Evaluator, built_evaluator: bool) -> dict[str, Any]:
+    """Where a trial ran, as its record keeps it."""
     return {
-        **{name: metrics.get(name, float("nan")) for name in METRIC_NAMES},
-        "diverged": result.diverged,
-        "nfe": result.nfe,
-        "macs": result.macs if result.macs is not None else float("nan"),
-        "seconds": result.seconds,
-        "sampling_seconds": result.sampling_seconds,
-        "metric_seconds": result.metric_seconds,
-        "samples_per_second": result.samples_per_second,
-        "n": result.n,
-        "seed": result.seed,
         "node": _node_id(),
         "pid": os.getpid(),
         "device": torch.cuda.get_device_name(evaluator.device) if evaluator.device.type == "cuda" else "cpu",
