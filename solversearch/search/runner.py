@@ -52,6 +52,8 @@ class SearchOutcome:
     report: Report
     exported: Path | None
     seconds: float
+    search_seconds: float = 0.0  # this run's preparation, baseline pool and search (the study's wall_seconds)
+    report_seconds: float = 0.0  # this run's selection and validation (the study's report_seconds)
 
 
 def objectives(experiment: Experiment) -> tuple[str, ...]:
@@ -275,8 +277,8 @@ def _search(
         try:
             new = _evaluate(experiment, address, model, settings, prepared, store, notify, on_update, stop)
         finally:  # finished or interrupted, the time spent searching is the study's
-            store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
-        return _report_and_export(experiment, model, store, new, validate, export_dir, notify, started)
+            add_seconds(store, "wall_seconds", time.perf_counter() - started)
+        return _report_and_export(experiment, address, model, store, new, validate, export_dir, notify, started)
     except SearchInterrupted as interrupted:
         raise SearchInterrupted(interrupted.signum, kept=len(store.history())) from None
 
@@ -322,6 +324,7 @@ def _evaluate(
 
 def _report_and_export(
     experiment: Experiment,
+    address: str | None,
     model: ModelHandle,
     store: StudyStore,
     new: int,
@@ -331,13 +334,20 @@ def _report_and_export(
     started: float,
 ) -> SearchOutcome:
     history = store.history()
-    report = final_report(
-        experiment,
-        model,
-        history,
-        validate,
-        lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}),
-    )
+    search_seconds = time.perf_counter() - started
+    try:  # the selection and validation run as Ray tasks: the seeds' teachers in parallel, on the trials' resources
+        with _ray(address) if validate else contextlib.nullcontext():
+            report = final_report(
+                experiment,
+                model,
+                history,
+                validate,
+                lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}),
+                parallel=validate,
+            )
+    finally:  # like wall_seconds: what the report cost is the study's, finished or interrupted
+        report_seconds = time.perf_counter() - started - search_seconds
+        add_seconds(store, "report_seconds", report_seconds)
     if validate and report.rows:
         store.set_attr(
             "validation",
@@ -394,7 +404,14 @@ def _report_and_export(
         report,
         exported,
         time.perf_counter() - started,
+        search_seconds,
+        report_seconds,
     )
+
+
+def add_seconds(store: StudyStore, name: str, seconds: float) -> None:
+    """Add to a study's time attribute: a resumed study's cost is the sum over its runs."""
+    store.set_attr(name, float(store.get_attr(name, 0.0)) + seconds)
 
 
 def evaluate_baseline_pool(
