@@ -294,8 +294,8 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     total = len(args.nfe) * len(grids) * len(solvers)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        progress.add_task("reference statistics", total=None)
-        evaluator.reference()
+        progress.add_task("reference statistics and teacher", total=None)
+        evaluator.prepare()  # the teacher: one solve from the common x_T that every row is compared with
         task = progress.add_task("evaluating presets", total=total)
 
         def advance(row):
@@ -690,7 +690,9 @@ def _print_outcome(console, experiment, outcome) -> None:
             console.print("  " + line, markup=False, highlight=False)
     if outcome.exported is not None:
         console.print(f"wrote {outcome.exported}")
-    console.print(report_share(outcome.search_seconds, outcome.report_seconds, "this run"))
+    console.print(
+        report_share(outcome.search_seconds, outcome.report_seconds, "this run"), markup=False, highlight=False
+    )
 
 
 def report_share(search_seconds: float, report_seconds: float, what: str = "all runs") -> str:
@@ -764,7 +766,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
         "search cost",
         "seconds",
         title=f"{args.study}: {len(history)} evaluations, {sum(e.diverged for e in history)} diverged",
-        caption=report_share(wall, report),
     )
     lines = [("sampling (workers)", sampling), ("metric (workers)", scoring)]
     if refining:
@@ -777,6 +778,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for name, seconds in lines:
         cost.add_row(name, f"{seconds:.1f}")
     console.print(cost)
+    console.print(report_share(wall, report), markup=False, highlight=False)
     return 0
 
 
