@@ -301,13 +301,19 @@ class RayScoring:
             finished, waiting = ray.wait(waiting, num_returns=1)
             done += len(finished)
             self.progress(what, done, len(pending))
-        return ray.get(pending)
+        try:
+            return ray.get(pending)
+        except ray.exceptions.RayTaskError as error:  # a user's error on a worker stays a one-line message
+            if isinstance(error.cause, SolversearchError):
+                raise error.cause from None
+            raise
 
 
-# A report worker's models (one per spec and device) and evaluators (one per settings: per seed), kept for
-# the process's next task: a worker that built a seed's teacher scores that seed's schedules without a copy.
+# A report worker's models (one per spec and device) and its latest evaluator, kept for the process's next
+# task: tasks come grouped by seed, so the next one mostly reuses the seed's teacher and its features. Only
+# the latest: a seed's teacher features at validation n may be large (Inception layers).
 _WORKER_MODELS: dict[tuple[str, str], ModelHandle] = {}
-_WORKER_EVALUATORS: dict[tuple[str, EvaluationSettings], Evaluator] = {}
+_WORKER_EVALUATOR: dict[tuple[str, EvaluationSettings], Evaluator] = {}
 
 
 def _worker_task(kind: str, spec: str, settings: EvaluationSettings, threads: int, cache_dir: str, *arguments):
@@ -325,10 +331,11 @@ def _worker_task(kind: str, spec: str, settings: EvaluationSettings, threads: in
     if (spec, settings.device) not in _WORKER_MODELS:
         _WORKER_MODELS[spec, settings.device] = load_model(spec, settings.device)
     model = _WORKER_MODELS[spec, settings.device]
-    if (spec, settings) not in _WORKER_EVALUATORS:
+    if (spec, settings) not in _WORKER_EVALUATOR:
         given = {"reference": arguments[0]} if kind == "prepare" else {"prepared": arguments[0]}
-        _WORKER_EVALUATORS[spec, settings] = Evaluator(model, settings, ArrayCache(Path(cache_dir)), **given)
-    evaluator = _WORKER_EVALUATORS[spec, settings]
+        _WORKER_EVALUATOR.clear()
+        _WORKER_EVALUATOR[spec, settings] = Evaluator(model, settings, ArrayCache(Path(cache_dir)), **given)
+    evaluator = _WORKER_EVALUATOR[spec, settings]
     if kind == "prepare":
         return evaluator.prepare()
     if kind == "floor":
