@@ -6,6 +6,8 @@ the baseline pool, are therefore re-scored on a selection seed; the best there w
 the teacher (the converged solution: the floor) are then scored on K validation seeds that neither
 saw, and the searched winner is compared with the best baseline per seed: the mean of the paired
 differences, its 95 % confidence interval and a verdict, for every metric — not only the objective.
+Each report seed costs one teacher solve at the report's n, the bulk of the report: `RayScoring` builds
+them all at once on the search's workers, `LocalScoring` one after the other in this process.
 """
 
 from __future__ import annotations
