@@ -92,18 +92,15 @@ def study(args: argparse.Namespace) -> None:
     wall, report = float(store.get_attr("wall_seconds", 0.0)), float(store.get_attr("report_seconds", 0.0))
     print(f"study {experiment.study_name}, recorded over all runs: " + share_line(wall, report))
     if args.rescore:
-        history = store.history()
-        threads = torch.get_num_threads()
-        sequential = rescore(experiment, history, parallel=False)
-        parallel = rescore(experiment, history, parallel=True)
-        print(f"the report again on fresh caches ({len(history)} stored evaluations):")
-        print(
-            f"  in the driver, seed after seed ({threads} torch threads)  {sequential:7.1f} s  ({100 * sequential / wall:.0f} %)"
-        )
-        cpu = experiment.resources.cpu
-        print(
-            f"  as Ray tasks ({cpu:g} CPU each, all cores)          {parallel:7.1f} s  ({100 * parallel / wall:.0f} %)"
-        )
+        history, threads, cpu = store.history(), torch.get_num_threads(), experiment.resources.cpu
+        print(f"the report again on fresh caches ({len(history)} stored evaluations), in the order {args.order}:")
+        labels = {
+            "driver": f"in the driver, seed after seed ({threads} torch threads)",
+            "ray": f"as Ray tasks ({cpu:g} CPU each, all cores)",
+        }
+        for way in args.order.split(","):
+            seconds = rescore(experiment, history, parallel=way == "ray")
+            print(f"  {labels[way]:<52} {seconds:7.1f} s  ({100 * seconds / wall:.0f} % of the search)", flush=True)
 
 
 def main() -> None:
@@ -118,6 +115,7 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="run the experiment (resumes an existing study)")
     parser.add_argument("--budget", type=int, help="override the experiment's search budget")
     parser.add_argument("--rescore", action="store_true", help="time the study's report again: sequential vs Ray")
+    parser.add_argument("--order", default="driver,ray", help="--rescore's runs, e.g. driver,ray,ray,driver")
     args = parser.parse_args()
     if args.baselines:
         baselines(args)

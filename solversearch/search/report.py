@@ -271,7 +271,9 @@ class RayScoring:
     def select(self, evaluations: Sequence[StoredEvaluation]) -> dict[str, EvaluationResult]:
         seed = self.experiment.selection_seed
         pending = [self._submit("evaluate", seed, self.prepared[seed], e.schedule.to_dict()) for e in evaluations]
-        return {e.key: result for e, result in zip(evaluations, self._gather("selection", pending))}
+        teachers = list(self.prepared.values())  # counted too: they run first, before the selection's scores
+        results = self._gather("the report seeds' teachers and the selection", teachers + pending)[len(teachers) :]
+        return {e.key: result for e, result in zip(evaluations, results)}
 
     def validate(
         self, winners: Sequence[StoredEvaluation]
