@@ -302,9 +302,10 @@ class RayScoring:
         waiting, done = list(pending), 0
         self.progress(what, 0, len(pending))
         while waiting:
-            finished, waiting = ray.wait(waiting, num_returns=1)
-            done += len(finished)
-            self.progress(what, done, len(pending))
+            finished, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)  # back in Python for a signal
+            if finished:
+                done += len(finished)
+                self.progress(what, done, len(pending))
         try:
             return ray.get(pending)
         except ray.exceptions.RayTaskError as error:  # a user's error on a worker stays a one-line message
