@@ -304,8 +304,8 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     total = len(args.nfe) * len(grids) * len(solvers)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        progress.add_task("reference statistics", total=None)
-        evaluator.reference()
+        progress.add_task("reference statistics and teacher", total=None)
+        evaluator.prepare()  # the teacher: one solve from the common x_T that every row is compared with
         task = progress.add_task("evaluating presets", total=total)
 
         def advance(row):
@@ -700,6 +700,18 @@ def _print_outcome(console, experiment, outcome) -> None:
             console.print("  " + line, markup=False, highlight=False)
     if outcome.exported is not None:
         console.print(f"wrote {outcome.exported}")
+    console.print(
+        report_share(outcome.search_seconds, outcome.report_seconds, "this run"), markup=False, highlight=False
+    )
+
+
+def report_share(search_seconds: float, report_seconds: float, what: str = "all runs") -> str:
+    """The cost line: the search's and the report's wall times and the report's share of the search (the
+    report re-scores on fresh seeds at a larger n; it should stay a fraction of the search)."""
+    from .progress import duration
+
+    share = f" = {100 * report_seconds / search_seconds:.0f} % of the search" if search_seconds > 0 else ""
+    return f"wall time ({what}): search {duration(search_seconds)}, report {duration(report_seconds)}{share}"
 
 
 def _fmt(value, signed: bool = False, digits: int = 4) -> str:
@@ -761,6 +773,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     refining = sum(e.cost.get("refine_seconds", 0.0) for e in history)
     predictor = float(store.get_attr("predictor_seconds", 0.0))
     wall = float(store.get_attr("wall_seconds", 0.0))
+    report = float(store.get_attr("report_seconds", 0.0))
     cost = Table(
         "search cost",
         "seconds",
@@ -769,9 +782,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
     lines = [("sampling (workers)", sampling), ("metric (workers)", scoring)]
     if refining:
         lines.append((f"refinement (workers, {sum(1 for e in history if e.refinement)} schedules)", refining))
-    for name, seconds in (*lines, ("predictor training + screening", predictor), ("wall time (driver)", wall)):
+    lines += [
+        ("predictor training + screening", predictor),
+        ("wall time: search (driver)", wall),
+        ("wall time: report (selection + validation)", report),
+    ]
+    for name, seconds in lines:
         cost.add_row(name, f"{seconds:.1f}")
     console.print(cost)
+    console.print(report_share(wall, report), markup=False, highlight=False)
     return 0
 
 

@@ -118,6 +118,7 @@ class Evaluator:
         settings: EvaluationSettings | None = None,
         cache: ArrayCache | None = None,
         prepared: Prepared | None = None,
+        reference: ReferenceFeatures | None = None,
     ):
         self.model = model
         self.settings = settings or EvaluationSettings()
@@ -134,7 +135,8 @@ class Evaluator:
             for name, bank in model.conditions.items()
         }
         self.prepared = prepared is not None
-        self._reference: ReferenceFeatures | None = prepared.reference if prepared else None
+        # `reference` alone: statistics another process built (the report's driver); the teacher is built here
+        self._reference: ReferenceFeatures | None = prepared.reference if prepared else reference
         self._teacher: torch.Tensor | None = prepared.teacher if prepared else None
         self._teacher_layers: list[torch.Tensor] | None = None
         self._batch_size: int | None = None

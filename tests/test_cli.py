@@ -175,3 +175,16 @@ def test_export_gives_the_search_s_winner_by_default_and_the_k_th_search_seed_va
     winner, first = (json.loads((tmp_path / f).read_text()) for f in ("winner.json", "first.json"))
     assert winner["name"].startswith("unipc_2_bh2") and winner["provenance"]["winner"] is True
     assert first["name"].startswith("dpmpp_2m") and first["provenance"]["rank"] == 1
+
+
+def test_show_prints_the_search_and_report_wall_times_and_the_report_s_share(tmp_path, capsys):
+    """The times a study recorded (summed over its runs), and their ratio: 300 s of report for 1500 s of search."""
+    from solversearch.search.storage import StudyStore
+
+    url = f"sqlite:///{tmp_path / 'cost.db'}"
+    store = StudyStore(url, "cost")
+    store.set_attr("wall_seconds", 1500.0)
+    store.set_attr("report_seconds", 300.0)
+    assert main(["show", "cost", "--storage", url]) == 0
+    out = capsys.readouterr().out
+    assert "search 25m00s, report 5m00s = 20 % of the search" in out

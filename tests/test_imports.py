@@ -195,3 +195,24 @@ def test_a_private_import_would_be_found(tmp_path):
     probe.write_text("from solversearch.search import base\nfrom solversearch.plan import _x\nbase._y\n")
     found = private_uses(probe, known)
     assert len(found) == 2 and "import _x" in found[0] and "base._y" in found[1]
+
+
+def test_every_solversearch_name_a_script_or_test_imports_exists():
+    """Benchmarks and experiment scripts run rarely and import lazily, inside functions: a name that moved
+    (`storage_url` left `search.storage` for `search.database`) would break them only when run."""
+    import importlib
+
+    missing = []
+    for folder in ("benchmarks", "experiments", "tests"):
+        for path in sorted((REPO / folder).glob("*.py")):
+            for node in import_statements(path):
+                for module, name in imported_names(node, "", False):
+                    if not module.startswith(PACKAGE):
+                        continue
+                    imported = importlib.import_module(module)
+                    if name is not None and not hasattr(imported, name):
+                        try:
+                            importlib.import_module(f"{module}.{name}")  # a submodule
+                        except ImportError:
+                            missing.append(f"{path.relative_to(REPO)}: from {module} import {name}")
+    assert not missing, "\n".join(missing)

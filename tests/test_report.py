@@ -130,3 +130,71 @@ def test_the_winner_is_compared_with_the_best_baseline_paired_over_the_validatio
     assert record["metrics"]["fid"]["verdict"] == "better" and record["metrics"]["fid"]["excess_left"] == pytest.approx(
         0.6
     )
+
+
+class CountingDenoiser:
+    """The model's denoiser, counting the samples it denoises: a solve of k steps on n samples counts k·n."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x, t, *args, **kwargs):
+        self.calls += x.shape[0]
+        return self.denoiser(x, t, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+
+def gmm_report_case():
+    """The exact mixture, 100 samples per report seed, two validation seeds; two baselines and two searched schedules."""
+    from solversearch.models.spec import load_model
+
+    base = load_experiment(REPO / "experiments" / "gmm_digits.yaml")
+    experiment = replace(
+        base,
+        metric=replace(base.metric, name="teacher_distance", n=50, batch_size=100),
+        validation_count=2,
+        validation_top=2,
+        compare=(),
+    )
+    model = load_model("gmm:digits")
+    noise = model.noise_schedule
+    history = [
+        stored(0, 0.5, presets.build("ddim", noise, 5, "logsnr"), stage=0),
+        stored(1, 0.4, presets.build("dpmpp_2m", noise, 5, "logsnr"), stage=0),
+        stored(2, 0.3, replace(presets.build("unipc_2_bh2", noise, 5, "time_quadratic"), name="")),
+        stored(3, 0.35, replace(presets.build("dpmpp_3m", noise, 5, "logsnr"), name="")),
+    ]
+    return experiment, model, history
+
+
+def report_values(result) -> list:
+    """Every number of a report: per row the selection and validation metrics, and the floor's."""
+    rows = [(r.label, r.stored.number, r.selection.metrics(), [v.metrics() for v in r.validation]) for r in result.rows]
+    return [rows, [f.metrics() for f in result.floor], result.reference]
+
+
+def test_each_seed_s_teacher_is_solved_once_and_a_rerun_reads_it_from_the_cache(tmp_path, monkeypatch):
+    """Counted on the denoiser: one teacher solve per seed (selection + 2 validation seeds) and each schedule
+    once per seed, nothing else; a second report solves no teacher and gives the same numbers."""
+    from solversearch.evaluator import TEACHER_STEPS, teacher_schedule
+    from solversearch.metrics.reference import ArrayCache
+
+    monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path))
+    experiment, model, history = gmm_report_case()
+    counting = CountingDenoiser(model.denoiser)
+    model = replace(model, denoiser=counting)
+    first = final_report(experiment, model, history, validate=True)
+    n, seeds = experiment.metric.n * experiment.validation_factor, len(experiment.validation_seeds)
+    teacher_nfe = teacher_schedule(model.noise_schedule, TEACHER_STEPS).nfe
+    selection = 4 * 5  # all four candidates (the top 2 of each kind), NFE 5 each
+    validation = seeds * 2 * 5  # the searched winner and the best baseline on each validation seed
+    assert counting.calls == n * ((1 + seeds) * teacher_nfe + selection + validation)
+    assert sorted(b["kind"] for b in ArrayCache(tmp_path).builds()) == ["teacher"] * (1 + seeds)
+
+    counting.calls = 0
+    second = final_report(experiment, model, history, validate=True)
+    assert counting.calls == n * (selection + validation)  # the teachers come from the cache
+    assert len(ArrayCache(tmp_path).builds()) == 1 + seeds
+    assert report_values(second) == report_values(first)

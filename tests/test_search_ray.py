@@ -270,9 +270,10 @@ def test_the_same_command_gives_the_same_study_whatever_the_order_trials_finish(
     assert first == second
 
 
-def test_references_and_teachers_are_built_once_by_the_driver(ray_session, tmp_path, monkeypatch):
-    """A fresh cache: the driver builds the model's reference once, and one teacher per seed (search,
-    selection, each validation seed); the workers build nothing; running the command again builds nothing."""
+def test_references_and_teachers_are_built_once(ray_session, tmp_path, monkeypatch):
+    """A fresh cache: the driver builds the model's reference and the search's teacher once, and the search's
+    workers build nothing; the report's tasks build one teacher per report seed (selection, each validation
+    seed). Running the command again builds nothing. Both runs' report times are summed in the study."""
     from solversearch.metrics.reference import ArrayCache
 
     cache = tmp_path / "cache"
@@ -289,8 +290,31 @@ def test_references_and_teachers_are_built_once_by_the_driver(ray_session, tmp_p
     outcome = run_search(experiment, export_dir=tmp_path)
     builds = ArrayCache(cache).builds()
     assert sorted(b["kind"] for b in builds) == ["reference"] + ["teacher"] * (1 + 1 + 2)
-    assert {b["pid"] for b in builds} == {os.getpid()}
-    assert all(e.worker.get("prepared") for e in open_existing(url, "once").history() if e.algorithm != "baselines")
+    assert [b["kind"] for b in builds if b["pid"] == os.getpid()] == ["reference", "teacher"]
+    store = open_existing(url, "once")
+    assert all(e.worker.get("prepared") for e in store.history() if e.algorithm != "baselines")
     assert outcome.report.comparisons  # the searched winner was compared with the best baseline
-    run_search(experiment, export_dir=tmp_path)
+    assert store.get_attr("report_seconds") == outcome.report_seconds > 0
+    again = run_search(experiment, export_dir=tmp_path)
     assert len(ArrayCache(cache).builds()) == len(builds)
+    assert open_existing(url, "once").get_attr("report_seconds") == pytest.approx(
+        outcome.report_seconds + again.report_seconds
+    )
+
+
+def test_the_report_s_ray_tasks_give_the_numbers_of_the_report_in_the_driver(ray_session, tmp_path, monkeypatch):
+    """Same seeds, same n, same metrics: the parallel report's numbers are the sequential report's, and each
+    report seed's teacher is built by one task."""
+    from solversearch.metrics.reference import ArrayCache
+    from solversearch.search.report import final_report
+    from tests.test_report import gmm_report_case, report_values
+
+    experiment, model, history = gmm_report_case()
+    monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path / "local"))
+    local = final_report(experiment, model, history, validate=True)
+    monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path / "ray"))  # the driver's cache: the tasks write there
+    parallel = final_report(experiment, model, history, validate=True, parallel=True)
+    assert report_values(parallel) == report_values(local)
+    builds = ArrayCache(tmp_path / "ray").builds()
+    assert sorted(b["kind"] for b in builds) == ["teacher"] * (1 + len(experiment.validation_seeds))
+    assert os.getpid() not in {b["pid"] for b in builds}

@@ -55,6 +55,8 @@ class SearchOutcome:
     report: Report
     exported: Path | None
     seconds: float
+    search_seconds: float = 0.0  # this run's preparation, baseline pool and search (the study's wall_seconds)
+    report_seconds: float = 0.0  # this run's selection and validation (the study's report_seconds)
 
 
 def objectives(experiment: Experiment) -> tuple[str, ...]:
@@ -211,7 +213,7 @@ def run_search(
     with stop_on_signals() as stop:
         if address is None:
             return _search(experiment, None, on_update, validate, export_dir, stop)
-        with _ray(address):  # a cluster: refuse a storage its nodes cannot share before anything is built
+        with ray_connection(address):  # a cluster: refuse a storage its nodes cannot share before anything is built
             check_cluster_storage(storage_url(experiment.storage_url))
             return _search(experiment, address, on_update, validate, export_dir, stop)
 
@@ -242,8 +244,8 @@ def _search(
         try:
             new = _evaluate(experiment, address, model, settings, prepared, store, notify, on_update, stop)
         finally:  # finished or interrupted, the time spent searching is the study's
-            store.set_attr("wall_seconds", float(store.get_attr("wall_seconds", 0.0)) + time.perf_counter() - started)
-        return _report_and_export(experiment, model, store, new, validate, export_dir, notify, started)
+            add_seconds(store, "wall_seconds", time.perf_counter() - started)
+        return _report_and_export(experiment, address, model, store, new, validate, export_dir, notify, started)
     except SearchInterrupted as interrupted:
         raise SearchInterrupted(interrupted.signum, kept=len(store.history())) from None
 
@@ -264,7 +266,7 @@ def _evaluate(
     history = store.history()
     remaining = experiment.budget.evaluations - sum(1 for e in history if e.algorithm != BASELINE_POOL)
     if remaining > 0:
-        with _ray(address):
+        with ray_connection(address):
             context = EvaluationContext(
                 model=experiment.model, settings=settings, threads=max(1, int(experiment.resources.cpu))
             )
@@ -289,6 +291,7 @@ def _evaluate(
 
 def _report_and_export(
     experiment: Experiment,
+    address: str | None,
     model: ModelHandle,
     store: StudyStore,
     new: int,
@@ -298,13 +301,20 @@ def _report_and_export(
     started: float,
 ) -> SearchOutcome:
     history = store.history()
-    report = final_report(
-        experiment,
-        model,
-        history,
-        validate,
-        lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}),
-    )
+    search_seconds = time.perf_counter() - started
+    try:  # the selection and validation run as Ray tasks: the seeds' teachers in parallel, on the trials' resources
+        with ray_connection(address) if validate else contextlib.nullcontext():
+            report = final_report(
+                experiment,
+                model,
+                history,
+                validate,
+                lambda what, done, total: notify({"phase": "report", "what": what, "done": done, "total": total}),
+                parallel=validate,
+            )
+    finally:  # like wall_seconds: what the report cost is the study's, finished or interrupted
+        report_seconds = time.perf_counter() - started - search_seconds
+        add_seconds(store, "report_seconds", report_seconds)
     if validate and report.rows:
         store.set_attr(
             "validation",
@@ -350,7 +360,14 @@ def _report_and_export(
         report,
         exported,
         time.perf_counter() - started,
+        search_seconds,
+        report_seconds,
     )
+
+
+def add_seconds(store: StudyStore, name: str, seconds: float) -> None:
+    """Add to a study's time attribute: a resumed study's cost is the sum over its runs."""
+    store.set_attr(name, float(store.get_attr(name, 0.0)) + seconds)
 
 
 def evaluate_baseline_pool(
@@ -379,7 +396,7 @@ def evaluate_baseline_pool(
 
 
 @contextlib.contextmanager
-def _ray(address: str | None) -> Iterator[None]:
+def ray_connection(address: str | None) -> Iterator[None]:
     """Ray for the search phase: the cluster at `address`, or a private local Ray this command starts
     and shuts down."""
     import ray
