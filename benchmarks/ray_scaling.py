@@ -7,7 +7,9 @@ costs per trial), and whole, over Tune's entire run (adding the start-up of Tune
 which load the model: paid once per search). Ray's own start-up, the driver's preparation and the
 baseline pool are left out of both. The
 raw throughput is the same schedules scored one after another by one in-process evaluator (same model,
-same n, no Ray) with as many torch threads as the concurrent trials use cores. A fraction near 1 means
+same n, no Ray) with as many torch and BLAS threads as the concurrent trials use cores. "workers busy" is
+the share of the workers' time spent evaluating (the evaluation seconds they measured, over the
+concurrent trials × Tune's run). A fraction near 1 means
 Ray's per-trial cost (scheduling, result round trips, recording) is hidden by batching.
 
 Defaults to the bundled UNet (experiments/digits.yaml); `--experiment experiments/gmm_digits.yaml` uses
@@ -25,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from solversearch.evaluator import Evaluator
 from solversearch.models.spec import load_model
@@ -53,7 +56,7 @@ def main() -> None:
     print(f"model {base.model}, n = {args.n}, {args.trials} schedules per search, device {device}")
     print(
         f"{'batch':>5} {'concurrent':>10} {'first s':>7} {'search s':>9} {'steady/min':>11} {'raw/min':>8} "
-        f"{'fraction steady':>16} {'fraction whole':>15}"
+        f"{'fraction steady':>16} {'fraction whole':>15} {'workers busy':>13}"
     )
     for concurrent in (int(c) for c in args.concurrency.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -67,19 +70,21 @@ def main() -> None:
                     ),
                     resources=ResourcesConfig(cpu=1.0, gpu=args.gpu, concurrent=concurrent, batch=batch),
                 )
-                marks, schedules = timed_search(experiment, Path(tmp))
+                marks, schedules, evaluating = timed_search(experiment, Path(tmp))
             raw = raw_rate(experiment, schedules, threads=concurrent, device=device)
             steady = (len(marks) - 1) / (marks[-1] - marks[0])
             whole = len(marks) / marks[-1]
+            busy = evaluating / (concurrent * marks[-1])
             print(
                 f"{batch:>5} {concurrent:>10} {marks[0]:>7.1f} {marks[-1]:>9.1f} {60 * steady:>11.1f} {60 * raw:>8.1f} "
-                f"{steady / raw:>16.2f} {whole / raw:>15.2f}",
+                f"{steady / raw:>16.2f} {whole / raw:>15.2f} {busy:>13.2f}",
                 flush=True,
             )
 
 
 def timed_search(experiment, export_dir: Path):
-    """(seconds from the start of Tune's run to each searched schedule's record, the searched schedules)."""
+    """(seconds from the start of Tune's run to each searched schedule's record, the searched schedules,
+    the seconds the workers spent evaluating them)."""
     marks: list[float] = []
 
     def on_update(update: dict) -> None:
@@ -88,12 +93,18 @@ def timed_search(experiment, export_dir: Path):
 
     run_search(experiment, validate=False, export_dir=export_dir, on_update=on_update)
     history = [e for e in open_existing(experiment.storage_url, experiment.study_name).history()]
-    searched = [e.schedule for e in history if e.algorithm != "baselines"]
-    return marks, searched
+    searched = [e for e in history if e.algorithm != "baselines"]
+    return marks, [e.schedule for e in searched], sum(e.cost["seconds"] for e in searched)
 
 
 def raw_rate(experiment, schedules, threads: int, device: str) -> float:
-    """Schedules per second scored in-process by one warm evaluator (reference and teacher prebuilt)."""
+    """Schedules per second scored in-process by one warm evaluator (reference and teacher prebuilt), with
+    as many torch and BLAS threads as the concurrent trials get (Ray gives a 1-CPU worker one of each)."""
+    with threadpool_limits(threads):
+        return _raw_rate(experiment, schedules, threads, device)
+
+
+def _raw_rate(experiment, schedules, threads: int, device: str) -> float:
     torch.set_num_threads(threads)
     model = load_model(experiment.model, device)
     evaluator = Evaluator(model, replace(evaluation_settings(experiment), device=device))
