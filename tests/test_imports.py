@@ -216,3 +216,15 @@ def test_every_solversearch_name_a_script_or_test_imports_exists():
                         except ImportError:
                             missing.append(f"{path.relative_to(REPO)}: from {module} import {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_search_api_names_all_resolve_and_reading_a_study_does_not_load_ray():
+    """`solversearch.search` exports its API lazily: every name in `__all__` resolves, and commands that
+    only read a study (show, export) import its storage without paying for Ray Tune."""
+    from solversearch import search
+
+    for name in search.__all__:
+        assert getattr(search, name) is not None, name
+    code = "import sys, solversearch.search.storage, solversearch.exports; print('ray' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "False"
