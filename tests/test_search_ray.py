@@ -314,7 +314,18 @@ def test_the_report_s_ray_tasks_give_the_numbers_of_the_report_in_the_driver(ray
     local = final_report(experiment, model, history, validate=True)
     monkeypatch.setenv("SOLVERSEARCH_CACHE", str(tmp_path / "ray"))  # the driver's cache: the tasks write there
     parallel = final_report(experiment, model, history, validate=True, parallel=True)
-    assert report_values(parallel) == report_values(local)
+    # The tasks run with one thread; this process may use more, and float32 sums in another order move
+    # the metrics by ~1e-6 relative (KID, a difference of near-equal means, by up to ~1e-5).
+    assert flattened(report_values(parallel)) == pytest.approx(flattened(report_values(local)), rel=1e-4, abs=1e-6)
     builds = ArrayCache(tmp_path / "ray").builds()
     assert sorted(b["kind"] for b in builds) == ["teacher"] * (1 + len(experiment.validation_seeds))
     assert os.getpid() not in {b["pid"] for b in builds}
+
+
+def flattened(values) -> list:
+    """The leaves of nested lists, tuples and dicts, in order (dict keys kept as leaves too)."""
+    if isinstance(values, dict):
+        return [leaf for key, value in values.items() for leaf in (key, *flattened(value))]
+    if isinstance(values, (list, tuple)):
+        return [leaf for value in values for leaf in flattened(value)]
+    return [values]
