@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import SearchInterrupted, SolversearchError
 from .exports import EXPORT_FORMATS, EXPORT_KINDS
@@ -237,22 +238,29 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-n", type=_positive_int, help="samples of the model's own reference (default: --n)")
 
 
-def _evaluator(args: argparse.Namespace):
-    from .evaluator import EvaluationSettings, Evaluator
-    from .models.spec import load_model
+def _evaluation_settings(args: argparse.Namespace, **chosen_elsewhere: Any):
+    """EvaluationSettings from the evaluation options every scoring command shares (`_model_options`);
+    a command that sets a field its own way passes it."""
+    from .evaluator import EvaluationSettings
 
-    settings = EvaluationSettings(
+    return EvaluationSettings(
         n=args.n,
-        seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
         mixed_precision=args.mixed_precision,
         features=args.features,
         inception_path=args.inception,
-        error_to_reference=not args.no_error_to_reference,
         reference=args.reference,
         reference_n=args.reference_n,
+        **chosen_elsewhere,
     )
+
+
+def _evaluator(args: argparse.Namespace):
+    from .evaluator import Evaluator
+    from .models.spec import load_model
+
+    settings = _evaluation_settings(args, seed=args.seed, error_to_reference=not args.no_error_to_reference)
     return Evaluator(load_model(args.model, args.device), settings)
 
 
@@ -380,7 +388,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from . import presets
     from .baselines import choose
     from .check import CheckSettings, check_schedule, compatibility_notes
-    from .evaluator import EvaluationSettings
     from .grids import GRIDS
     from .models.spec import load_model
     from .schedule import load_schedule
@@ -393,16 +400,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         presets=tuple(choose(args.solvers, list(presets.PRESETS), presets.PRESETS, "solver presets")),
         grids=tuple(choose(args.grids, list(GRIDS), GRIDS, "grids")),
     )
-    evaluation = EvaluationSettings(
-        n=args.n,
-        batch_size=args.batch_size,
-        device=args.device,
-        mixed_precision=args.mixed_precision,
-        features=args.features,
-        inception_path=args.inception,
-        reference=args.reference,
-        reference_n=args.reference_n,
-    )
+    evaluation = _evaluation_settings(args)  # seeds: the check's own
     schedule = load_schedule(args.schedule)
     model = load_model(args.model, args.device)
     compatibility_notes(schedule, model)  # a schedule of another family is refused before the model is prepared

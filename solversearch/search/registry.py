@@ -45,18 +45,7 @@ def _one_metric_one_budget(cls: type[ScheduleSearcher]) -> SearcherFactory:
     def build(name: str, request: SearcherRequest) -> ScheduleSearcher:
         if not isinstance(request.metric, str):
             raise SolversearchError(f"algorithm {name!r} optimises one metric; use nsga2 for several")
-        try:
-            searcher = cls(
-                request.space,
-                request.nfe,
-                request.noise,
-                seed=request.seed,
-                metric=request.metric,
-                history=request.history,
-                **request.settings,
-            )
-        except TypeError as exc:
-            raise SolversearchError(f"algorithm {name!r}: bad settings ({exc})") from None
+        searcher = _constructed(name, cls, request)
         if request.units:
             searcher.use_units(request.units)
         return searcher
@@ -65,15 +54,21 @@ def _one_metric_one_budget(cls: type[ScheduleSearcher]) -> SearcherFactory:
 
 
 def _autodiffusion(name: str, request: SearcherRequest) -> ScheduleSearcher:
+    return _constructed(name, AutoDiffusionSearcher, request, costs=request.costs)
+
+
+def _constructed(name: str, cls: type[ScheduleSearcher], request: SearcherRequest, **extra: Any) -> ScheduleSearcher:
+    """`cls` built from the request and the algorithm's own settings; a setting it does not take is a
+    user error naming the algorithm."""
     try:
-        return AutoDiffusionSearcher(
+        return cls(
             request.space,
             request.nfe,
             request.noise,
-            costs=request.costs,
             seed=request.seed,
             metric=request.metric,
             history=request.history,
+            **extra,
             **request.settings,
         )
     except TypeError as exc:
