@@ -546,9 +546,12 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             f"held-out teacher distance {first:.5f} → {best:.5f} ({100 * result.improvement:.1f} % lower, "
             f"iteration {result.best_iteration}) in {duration(result.seconds)}"
         )
-    for line in describe(result.schedule):
+    refined = result.schedule
+    if not refined.name:  # an unnamed parent: name it after what the user gave
+        refined = refined.with_metadata(name=f"{args.schedule}+refined")
+    for line in describe(refined):
         print(line)
-    result.schedule.save(out)
+    refined.save(out)
     print(f"wrote {out}")
     return 0
 

@@ -300,7 +300,7 @@ def refine(
         time.perf_counter() - started,
         settings,
     )
-    name = f"{schedule.name or 'schedule'}+refined"
+    name = f"{schedule.name}+refined" if schedule.name else ""  # unnamed: the study names it by its key
     return replace(
         result,
         schedule=refined.with_metadata(

@@ -185,6 +185,19 @@ def test_a_refined_schedule_round_trips_through_json_and_runs_in_a_diffusers_loo
     assert float((got - expected).abs().max()) <= 1e-5
 
 
+def test_a_refined_schedule_is_named_after_its_parent_and_an_unnamed_one_is_left_for_the_study_to_name(
+    mixture, tmp_path
+):
+    """A preset's refinement says what it refined; a searched schedule has no name of its own, and the study
+    names its refinement by its key, like every other searched schedule (never a made-up "schedule")."""
+    settings = RefineSettings(n=8, heldout_n=8, iterations=1, patience=1)
+    named = presets.build("ddim", mixture.noise_schedule, 4, "logsnr")
+    assert named.name
+    assert refine(mixture, named, settings, cache=ArrayCache(tmp_path)).schedule.name == f"{named.name}+refined"
+    unnamed = named.with_metadata(name="")
+    assert refine(mixture, unnamed, settings, cache=ArrayCache(tmp_path)).schedule.name == ""
+
+
 def test_a_schedule_that_diverges_cannot_be_refined(mixture, tmp_path):
     times = [1.0, 0.999, 0.998, 0.002]
     exploding = SolverSchedule(
@@ -242,6 +255,7 @@ def test_the_refine_command_writes_a_refined_schedule_or_fails_cleanly(tmp_path,
     )
     refined = load_schedule(out)
     assert refined.nfe == 4 and refined.provenance["refinement"]["iterations"] >= 1
+    assert refined.name.endswith("+refined")
     assert "held-out teacher distance" in capsys.readouterr().out
     for bad in (
         ["--schedule", "nope"],
