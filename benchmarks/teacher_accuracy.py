@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from solversearch.evaluator import EvaluationSettings, Evaluator, teacher_schedule
+from solversearch.evaluator import TEACHER_STEPS, EvaluationSettings, Evaluator, teacher_schedule
 from solversearch.metrics import error_to_reference
 from solversearch.models.spec import load_model
 from solversearch.presets import build
@@ -133,7 +133,7 @@ def main() -> None:
             f"{a.teacher_distance - b.teacher_distance:+10.5f}  {a.error_to_reference:8.5f}  "
             f"{b.error_to_reference:8.5f}  {a.error_to_reference - b.error_to_reference:+10.5f}"
         )
-    print(f"\nteacher schedule: {teacher_schedule(noise, 50).name} (the evaluator's default steps: 50)")
+    print(f"\nthe evaluator's teacher: {teacher_schedule(noise, TEACHER_STEPS).name}")
 
 
 if __name__ == "__main__":
