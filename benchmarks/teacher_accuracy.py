@@ -50,6 +50,11 @@ def accuracy_line(steps: int, teacher: torch.Tensor, fine: torch.Tensor, seconds
     )
 
 
+def network_output(model, x: torch.Tensor, t: float) -> torch.Tensor:
+    with torch.no_grad():
+        return model.denoiser(x, torch.full((len(x),), t)).double()
+
+
 def roughness(model, samples: torch.Tensor, centres: list[float], probes: int = 64) -> list[tuple[float, list[float]]]:
     """Per centre time: RMS(second difference) / RMS(first difference) of ε̂(x, t) at each spacing."""
     generator = torch.Generator().manual_seed(0)
@@ -60,13 +65,11 @@ def roughness(model, samples: torch.Tensor, centres: list[float], probes: int = 
     for centre in centres:
         alpha, sigma = float(path.alpha(centre)), float(path.sigma(centre))
         x = (alpha * x0 + sigma * noise).float()
-        ratios = []
+        middle, ratios = network_output(model, x, centre), []
         for spacing in (0.25 * TIME_UNIT, TIME_UNIT, 4 * TIME_UNIT):
-            times = [centre - spacing, centre, centre + spacing]
-            with torch.no_grad():
-                out = [model.denoiser(x, torch.full((len(x),), t)).double() for t in times]
-            first = (out[2] - out[0]).pow(2).mean().sqrt() / 2
-            second = (out[2] - 2 * out[1] + out[0]).pow(2).mean().sqrt()
+            before, after = network_output(model, x, centre - spacing), network_output(model, x, centre + spacing)
+            first = (after - before).pow(2).mean().sqrt() / 2
+            second = (after - 2 * middle + before).pow(2).mean().sqrt()
             ratios.append(float(second / first))
         rows.append((centre, ratios))
     return rows
